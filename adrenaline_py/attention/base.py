@@ -1,0 +1,59 @@
+"""The attention interface: the model hands each layer's post-RoPE q/k/v to a backend.
+
+A backend stores the new K/V into the paged cache and returns the attention output. Backends:
+`TorchAttentionBackend` (reference, any device) and `OffloadAttentionBackend` (decode rows split
+between a local backend and the remote attention executor). GPU kernels plug in here too.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class KVWrite:
+    """Where some rows of the packed batch store their new K/V."""
+
+    kv: torch.Tensor           # pool tensor [L, 2, num_blocks, block_size, Hkv, D]
+    token_index: torch.Tensor  # [n] rows of the packed batch
+    slots: torch.Tensor        # [n] flat slot ids in ``kv``
+
+
+@dataclass
+class PrefillMetadata:
+    """Causal self-attention over whole prompts packed back to back."""
+
+    cu_seqlens: list[int]       # [B + 1] host offsets of each prompt in the packed batch
+    kv_writes: list[KVWrite]    # one per destination pool
+
+
+@dataclass
+class DecodeMetadata:
+    """One new token per sequence attending to its paged context (new token included)."""
+
+    kv: torch.Tensor            # pool tensor [L, 2, num_blocks, block_size, Hkv, D]
+    block_tables: torch.Tensor  # [B, max_blocks] int64, padded with 0
+    seq_lens: torch.Tensor      # [B] int64, context length including the new token
+    slots: torch.Tensor         # [B] int64, slot of the new token
+    max_seq_len: int            # host copy of seq_lens.max()
+
+
+AttentionMetadata = PrefillMetadata | DecodeMetadata
+
+
+class AttentionBackend(ABC):
+    @abstractmethod
+    def forward(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """q: [T, Hq, D], k/v: [T, Hkv, D] → output [T, Hq, D]."""
+
+
+def store_kv(kv: torch.Tensor, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Write K/V of some tokens into their slots of one layer of a pool."""
+    _, _, num_blocks, block_size, num_kv_heads, head_dim = kv.shape
+    kv[layer, 0].view(num_blocks * block_size, num_kv_heads, head_dim)[slots] = k.to(kv.dtype)
+    kv[layer, 1].view(num_blocks * block_size, num_kv_heads, head_dim)[slots] = v.to(kv.dtype)

@@ -1,0 +1,95 @@
+"""The attention executor: decode attention of offloaded requests, on the prefill GPU.
+
+It holds no weights. It owns the ``executor`` KV pool (prefill writes offloaded prompts into it)
+and serves the decode instance's per-layer frames (see adrenaline_py/transport.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import torch
+
+from adrenaline_py.attention import DecodeMetadata, TorchAttentionBackend
+from adrenaline_py.config import EngineConfig, ModelConfig
+from adrenaline_py.kv_cache import KVPool
+from adrenaline_py.transport import LAYER_FRAME, OffloadBuffers, OffloadServer, OffloadStep
+
+log = logging.getLogger(__name__)
+
+
+class AttentionExecutor:
+    def __init__(self, model: ModelConfig, engine: EngineConfig, dtype: torch.dtype, device: torch.device) -> None:
+        self.model, self.engine = model, engine
+        self.device = device
+        self.pool = KVPool.create("executor", model, engine, dtype)
+        self.buffers = OffloadBuffers.create(model, engine, dtype)
+        self.backend = TorchAttentionBackend()
+        self.block_tables: dict[int, list[int]] = {}
+        self.num_steps = 0
+        self._server = OffloadServer(engine, self.buffers)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="attention-executor", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._server.close()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn = self._server.accept()
+            except OSError:
+                return  # listener closed
+            self.block_tables.clear()  # a new decode connection starts from an empty set
+            with conn:
+                try:
+                    self._serve_connection(conn)
+                except ConnectionError as e:
+                    log.info("decode connection closed: %s", e)
+                except Exception as e:  # report to decode, keep serving later connections
+                    log.exception("attention executor failed a step")
+                    try:
+                        OffloadServer.send_error(conn, f"{type(e).__name__}: {e}")
+                    except OSError:
+                        pass
+
+    def _serve_connection(self, conn) -> None:
+        meta: DecodeMetadata | None = None
+        while True:
+            kind, value = OffloadServer.read_frame(conn)
+            if kind == LAYER_FRAME:
+                self.attend(value, meta, conn)
+            else:
+                meta = self.apply_step(value)
+
+    def apply_step(self, step: OffloadStep) -> DecodeMetadata:
+        for seq_id in step.left:
+            self.block_tables.pop(seq_id, None)
+        self.block_tables.update(step.joined)
+        self.num_steps += 1
+        tables = [self.block_tables[s] for s in step.seq_ids]
+        width = max(len(t) for t in tables)
+        block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
+        seq_lens = torch.tensor(step.seq_lens, dtype=torch.long)
+        bs = self.pool.block_size
+        pos = seq_lens - 1
+        slots = block_tables.gather(1, (pos // bs)[:, None]).squeeze(1) * bs + pos % bs
+        return DecodeMetadata(
+            kv=self.pool.kv,
+            block_tables=block_tables.to(self.device),
+            seq_lens=seq_lens.to(self.device),
+            slots=slots.to(self.device),
+            max_seq_len=max(step.seq_lens),
+        )
+
+    def attend(self, layer: int, meta: DecodeMetadata, conn) -> None:
+        n = meta.seq_lens.shape[0]
+        b = self.buffers
+        out = self.backend.decode(layer, b.q[layer, :n], b.k[layer, :n], b.v[layer, :n], meta)
+        b.out[layer, :n].copy_(out)
+        OffloadServer.send_out(conn, layer)

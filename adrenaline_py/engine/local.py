@@ -1,0 +1,114 @@
+"""All serving roles in one process: admission, prefill, decode and the attention executor.
+
+The same classes the Triton models use, wired directly (the executor still runs on its own
+thread behind the shared-memory transport). For tests, offline generation (`adrenaline
+generate`) and as the reference the served output is compared with.
+"""
+
+from __future__ import annotations
+
+import itertools
+import tempfile
+import threading
+from dataclasses import dataclass, replace
+
+import torch
+
+from adrenaline_py.attention import TorchAttentionBackend
+from adrenaline_py.config import EngineConfig
+from adrenaline_py.engine.admission import Admission
+from adrenaline_py.engine.decode import DecodeEngine, DecodeRunner, DecodeScheduler, Sequence
+from adrenaline_py.engine.executor import AttentionExecutor
+from adrenaline_py.engine.output import OutputWorkers, ResponseChunk
+from adrenaline_py.engine.prefill import PrefillItem, PrefillRunner
+from adrenaline_py.kv_cache import KVPool
+from adrenaline_py.loader import Checkpoint, build_model
+from adrenaline_py.policy import OffloadPolicy
+from adrenaline_py.request import GenerationParams
+from adrenaline_py.transport import OffloadClient
+
+
+@dataclass
+class Completion:
+    text: str
+    output_ids: list[int]
+    finish_reason: str
+    offloaded: bool
+    chunks: list[ResponseChunk]
+
+
+class LocalEngine:
+    def __init__(self, ckpt: Checkpoint, engine: EngineConfig, dtype: torch.dtype = torch.float32) -> None:
+        self._tmp = None
+        if engine.run_dir == EngineConfig().run_dir:
+            self._tmp = tempfile.TemporaryDirectory(prefix="adrenaline-local-", dir="/dev/shm")
+            engine = replace(engine, run_dir=self._tmp.name)
+        self.engine = engine
+        self.ckpt = ckpt
+        device = torch.device("cpu" if engine.device == "cpu" else f"cuda:{engine.decode_gpu}")
+        model = build_model(ckpt, dtype, device, engine.max_model_len, engine.seed)
+        self.executor = AttentionExecutor(ckpt.config, engine, dtype, device)
+        self.executor.start()
+        self.pools = {
+            "decode": KVPool.create("decode", ckpt.config, engine, dtype),
+            "executor": self.executor.pool,
+        }
+        backend = TorchAttentionBackend()
+        self.prefill = PrefillRunner(model, backend, self.pools, engine.max_prefill_tokens)
+        self.admission = Admission(lambda n: self.pools[n].allocator, OffloadPolicy(engine.offload, engine.offload_bound),
+                                   engine.block_size, engine.admission_timeout_s)
+        self.client = OffloadClient(ckpt.config, engine, dtype)
+        scheduler = DecodeScheduler(lambda n: self.pools[n], engine.max_decode_batch)
+        runner = DecodeRunner(model, backend, self.pools["decode"], self.client)
+        self._results: dict[int, list[ResponseChunk]] = {}
+        self._done: dict[int, threading.Event] = {}
+        self.outputs = OutputWorkers(ckpt.tokenizer, self._collect, lambda i: scheduler.abort(i, "stop"),
+                                     engine.num_sender_threads)
+        self.decode = DecodeEngine(scheduler, runner, self.outputs.submit)
+        self._ids = itertools.count()
+        self.outputs.start()
+        self.decode.start()
+
+    def _collect(self, seq_id: int, chunk: ResponseChunk) -> None:
+        self._results[seq_id].append(chunk)
+        if chunk.is_final:
+            self._done[seq_id].set()
+
+    def generate(self, prompts: list[list[int]], params: list[GenerationParams], timeout: float = 600) -> list[Completion]:
+        """Admit all prompts, prefill them as one batch, decode them together."""
+        tickets = [self.admission.admit(len(p), gp.sampling.max_tokens) for p, gp in zip(prompts, params)]
+        items = [PrefillItem(p, t.pool, t.block_table, gp.sampling) for p, t, gp in zip(prompts, tickets, params)]
+        first = self.prefill.run(items)
+        seqs = []
+        for p, t, gp, tok in zip(prompts, tickets, params, first):
+            seq_id = next(self._ids)
+            self._results[seq_id], self._done[seq_id] = [], threading.Event()
+            seqs.append(Sequence(seq_id, list(p), [tok], t.block_table, t.pool, gp, handle=seq_id))
+        for seq in seqs:
+            self.decode.add(seq)
+        out = []
+        for seq in seqs:
+            if not self._done[seq.seq_id].wait(timeout):
+                raise TimeoutError(f"request {seq.seq_id} did not finish in {timeout}s")
+            chunks = self._results.pop(seq.seq_id)
+            final = chunks[-1]
+            if final.error:
+                raise RuntimeError(final.error)
+            text = "".join(c.text for c in chunks) if seq.params.output.stream else final.text
+            n_out = sum(c.num_output_tokens for c in chunks) if seq.params.output.stream else final.num_output_tokens
+            out.append(Completion(text, seq.output_ids[:n_out], final.finish_reason, seq.is_offloaded, chunks))
+        return out
+
+    def close(self) -> None:
+        self.decode.stop()
+        self.outputs.stop()
+        self.client.close()
+        self.executor.stop()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+    def __enter__(self) -> LocalEngine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

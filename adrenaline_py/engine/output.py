@@ -1,0 +1,130 @@
+"""Turn decode's token events into client responses, on threads off the decode loop.
+
+Each request is pinned to one worker thread (by id), so its detokenizer state is touched by one
+thread and its response sender is never used by two threads at once (that crashes tritonserver
+2.51). Workers detokenize incrementally, apply stop strings (asking the engine to stop the
+request), and call ``send(handle, chunk)`` for each response.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from adrenaline_py.engine.decode import TokenEvent
+from adrenaline_py.tokenizer import OutputText, Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ResponseChunk:
+    text: str
+    num_output_tokens: int             # tokens this chunk covers (all of them when not streaming)
+    num_input_tokens: int
+    finish_reason: str | None = None   # set on the last chunk of a request
+    error: str | None = None           # the request failed; text is empty
+
+    @property
+    def is_final(self) -> bool:
+        return self.finish_reason is not None
+
+
+class RequestOutput:
+    """Per-request output state: text so far, what was sent, streaming or one final response."""
+
+    def __init__(self, tokenizer: Tokenizer, event: TokenEvent) -> None:
+        seq = event.seq
+        self.stream = seq.params.output.stream
+        self.text = OutputText(tokenizer, seq.prompt_ids, seq.params.sampling.stop)
+        self.num_input_tokens = len(seq.prompt_ids)
+        self.num_tokens = 0        # tokens accepted into the output (up to a stop string)
+        self.num_unsent_tokens = 0
+        self.prefix = "" if seq.params.output.exclude_input_in_output else tokenizer.decode(seq.prompt_ids)
+        self.done = False
+
+    def on_event(self, ev: TokenEvent) -> tuple[ResponseChunk | None, bool]:
+        """The chunk to send now (if any), and whether a stop string just ended the request."""
+        if self.done:
+            return None, False
+        if ev.error is not None:
+            self.done = True
+            return ResponseChunk("", 0, self.num_input_tokens, "error", ev.error), False
+        final = ev.finish_reason is not None
+        delta = ""
+        if ev.token_ids:
+            self.num_tokens += len(ev.token_ids)
+            self.num_unsent_tokens += len(ev.token_ids)
+            delta = self.text.add(ev.token_ids, final=final)
+        elif final:
+            delta = self.text.add([], final=True)
+        stopped_here = self.text.stopped
+        reason = "stop" if stopped_here else ev.finish_reason
+        if reason is not None:
+            self.done = True
+        if self.stream:
+            if not delta and reason is None:
+                return None, False
+            chunk = ResponseChunk(delta, self.num_unsent_tokens, self.num_input_tokens, reason)
+            self.num_unsent_tokens = 0
+            return chunk, stopped_here and not final
+        if reason is None:
+            return None, False
+        return ResponseChunk(self.prefix + self.text.text, self.num_tokens, self.num_input_tokens, reason), (
+            stopped_here and not final
+        )
+
+
+class OutputWorkers:
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        send: Callable[[Any, ResponseChunk], None],
+        on_stop: Callable[[int], None],
+        num_threads: int = 4,
+    ) -> None:
+        self._tokenizer = tokenizer
+        self._send = send
+        self._on_stop = on_stop
+        self._queues: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in range(max(1, num_threads))]
+        self._threads = [
+            threading.Thread(target=self._work, args=(q,), name=f"output-{i}", daemon=True)
+            for i, q in enumerate(self._queues)
+        ]
+
+    def start(self) -> None:
+        for t in self._threads:
+            t.start()
+
+    def stop(self) -> None:
+        for q in self._queues:
+            q.put(None)
+        for t in self._threads:
+            t.join(timeout=5)
+
+    def submit(self, events: list[TokenEvent]) -> None:
+        n = len(self._queues)
+        for ev in events:
+            self._queues[ev.seq.seq_id % n].put(ev)
+
+    def _work(self, q: queue.SimpleQueue) -> None:
+        states: dict[int, RequestOutput] = {}
+        while (ev := q.get()) is not None:
+            seq_id = ev.seq.seq_id
+            try:
+                state = states.get(seq_id)
+                if state is None:
+                    state = states[seq_id] = RequestOutput(self._tokenizer, ev)
+                chunk, stopped = state.on_event(ev)
+                if stopped:
+                    self._on_stop(seq_id)
+                if chunk is not None:
+                    self._send(ev.seq.handle, chunk)
+            except Exception:  # a failed send must not take the worker down
+                log.exception("sending output of request %d failed", seq_id)
+            if ev.finish_reason is not None:
+                states.pop(seq_id, None)
