@@ -1,0 +1,132 @@
+"""The `adrenaline` command: `serve` (tritonserver) and `generate` (in-process, no server)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from adrenaline_py.config import EngineConfig
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    d = EngineConfig()
+    g = p.add_argument_group("model and placement")
+    g.add_argument("--model", default=d.model,
+                   help="'smollm2' (shipped GGUF), an HF directory, a .gguf file, or dummy:<shape> "
+                        "(llama-2-7b, llama-2-13b, llama-3.1-8b, tiny)")
+    g.add_argument("--device", choices=["cpu", "cuda"], default=d.device)
+    g.add_argument("--prefill-gpu", type=int, default=d.prefill_gpu, help="GPU of prefill + attention executor")
+    g.add_argument("--decode-gpu", type=int, default=d.decode_gpu, help="GPU of decode")
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="default: float32 on cpu, bfloat16 on cuda")
+    g = p.add_argument_group("offloading")
+    g.add_argument("--offload", default=d.offload, help="never | always | auto | ratio:R (0 <= R <= 1)")
+    g.add_argument("--offload-bound", type=float, default=d.offload_bound,
+                   help="auto: offloaded load / local load the executor can hide (OB)")
+    g.add_argument("--prefill-sm-share", type=int, default=d.prefill_sm_share, help="MPS %% of SMs for prefill")
+    g.add_argument("--executor-sm-share", type=int, default=d.executor_sm_share,
+                   help="MPS %% of SMs for the attention executor")
+    g = p.add_argument_group("capacity")
+    g.add_argument("--max-model-len", type=int, default=d.max_model_len, help="prompt + output tokens")
+    g.add_argument("--max-tokens-limit", type=int, default=d.max_tokens_limit, help="largest max_tokens")
+    g.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens)
+    g.add_argument("--block-size", type=int, default=d.block_size)
+    g.add_argument("--num-decode-blocks", type=int, default=d.num_decode_blocks)
+    g.add_argument("--num-executor-blocks", type=int, default=d.num_executor_blocks)
+    g.add_argument("--max-decode-batch", type=int, default=d.max_decode_batch)
+    g.add_argument("--max-prefill-tokens", type=int, default=d.max_prefill_tokens)
+    g.add_argument("--num-sender-threads", type=int, default=d.num_sender_threads)
+    g.add_argument("--admission-timeout", type=float, default=d.admission_timeout_s,
+                   help="seconds a request may wait for KV room before it is rejected")
+    g.add_argument("--seed", type=int, default=d.seed, help="seed of dummy weights")
+
+
+def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=a.model, device=a.device, prefill_gpu=a.prefill_gpu, decode_gpu=a.decode_gpu,
+        dtype=a.dtype or ("float32" if a.device == "cpu" else "bfloat16"),
+        offload=a.offload, offload_bound=a.offload_bound, prefill_sm_share=a.prefill_sm_share,
+        executor_sm_share=a.executor_sm_share, max_model_len=a.max_model_len,
+        max_tokens_limit=a.max_tokens_limit, default_max_tokens=a.default_max_tokens,
+        block_size=a.block_size, num_decode_blocks=a.num_decode_blocks,
+        num_executor_blocks=a.num_executor_blocks, max_decode_batch=a.max_decode_batch,
+        max_prefill_tokens=a.max_prefill_tokens, num_sender_threads=a.num_sender_threads,
+        admission_timeout_s=a.admission_timeout, seed=a.seed,
+    )
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    from adrenaline_py.serving.launcher import ServerOptions, serve_forever
+
+    options = ServerOptions(
+        address=a.address, http_port=a.http_port, grpc_port=a.grpc_port, metrics_port=a.metrics_port,
+        max_batch_size=a.max_batch_size, log_verbose=a.log_verbose, use_mps=not a.no_mps,
+    )
+    return serve_forever(engine_config_from_args(a), options)
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    import torch
+
+    from adrenaline_py.engine.local import LocalEngine
+    from adrenaline_py.loader import load_checkpoint
+    from adrenaline_py.request import Limits, finish_params
+
+    engine = engine_config_from_args(a)
+    ckpt = load_checkpoint(engine.model)
+    tok = ckpt.tokenizer
+    prompts = [tok.apply_chat_template([{"role": "user", "content": p}]) if a.chat else p for p in a.prompt]
+    ids = [tok.encode(p) for p in prompts]
+    limits = Limits(engine.max_model_len, engine.max_tokens_limit, engine.default_max_tokens)
+    settings = {"max_tokens": a.max_tokens, "temperature": a.temperature, "top_k": a.top_k, "top_p": a.top_p}
+    if a.seed_sampling is not None:
+        settings["seed"] = a.seed_sampling
+    params = [finish_params(settings, len(i), limits, ckpt.config.vocab_size, tok.eos_token_ids,
+                            lambda w: tok.encode(w, add_special_tokens=False)) for i in ids]
+    with LocalEngine(ckpt, engine, getattr(torch, engine.dtype)) as llm:
+        for prompt, c in zip(a.prompt, llm.generate(ids, params)):
+            print(json.dumps({"prompt": prompt, "text_output": c.text, "finish_reason": c.finish_reason,
+                              "num_output_tokens": len(c.output_ids), "offloaded": c.offloaded}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="adrenaline", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="serve the model repository with tritonserver",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _engine_args(s)
+    g = s.add_argument_group("server")
+    g.add_argument("--address", default="127.0.0.1", help="bind address of HTTP, gRPC and metrics")
+    g.add_argument("--http-port", type=int, default=8000)
+    g.add_argument("--grpc-port", type=int, default=8001)
+    g.add_argument("--metrics-port", type=int, default=8002)
+    g.add_argument("--max-batch-size", type=int, default=64, help="Triton max_batch_size of the models")
+    g.add_argument("--log-verbose", type=int, default=0)
+    g.add_argument("--no-mps", action="store_true", help="do not start the CUDA MPS daemon (cuda only)")
+    s.set_defaults(func=cmd_serve)
+
+    gen = sub.add_parser("generate", help="generate in-process (no server), one JSON line per prompt",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _engine_args(gen)
+    gen.add_argument("prompt", nargs="+")
+    gen.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
+    gen.add_argument("--max-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed-sampling", type=int, default=None, help="sampling seed")
+    gen.set_defaults(func=cmd_generate)
+
+    a = parser.parse_args(argv)
+    try:
+        return a.func(a)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"adrenaline: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

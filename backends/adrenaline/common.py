@@ -1,0 +1,59 @@
+"""Triton ↔ engine translation helpers shared by the roles."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+from adrenaline_py.config import EngineConfig
+
+log = logging.getLogger("adrenaline")
+
+
+def engine_config(model_config: dict) -> EngineConfig:
+    path = model_config.get("parameters", {}).get("engine_config", {}).get("string_value")
+    if not path:
+        raise ValueError("parameter 'engine_config' (path of the launcher's engine.json) is missing")
+    return EngineConfig.load(path)
+
+
+def setup_process(role: str, engine: EngineConfig) -> None:
+    logging.basicConfig(level=os.environ.get("ADRENALINE_LOG_LEVEL", "INFO"),
+                        format=f"%(asctime)s {role} %(levelname)s %(name)s: %(message)s")
+    threads = int(os.environ.get("ADRENALINE_TORCH_THREADS", "0")) or max(1, (os.cpu_count() or 2) // 2)
+    torch.set_num_threads(threads)
+
+
+def device_for(engine: EngineConfig, gpu: int) -> torch.device:
+    return torch.device("cpu") if engine.device == "cpu" else torch.device(f"cuda:{gpu}")
+
+
+def dtype_for(engine: EngineConfig) -> torch.dtype:
+    return getattr(torch, engine.dtype)
+
+
+def inputs_of(request) -> dict[str, np.ndarray]:
+    return {t.name(): t.as_numpy() for t in request.inputs()}
+
+
+def error_response(message: str):
+    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
+
+
+def tensor(name: str, value, dtype) -> "pb_utils.Tensor":
+    """A [1, ...] tensor (the batch dimension of the ensemble's models)."""
+    return pb_utils.Tensor(name, np.asarray(value, dtype=dtype)[None, ...])
+
+
+def bytes_tensor(name: str, text: str | bytes) -> "pb_utils.Tensor":
+    data = text.encode("utf-8") if isinstance(text, str) else text
+    return pb_utils.Tensor(name, np.array([[data]], dtype=np.object_))
+
+
+def text_of(array: np.ndarray) -> str:
+    value = array.reshape(-1)[0]
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)

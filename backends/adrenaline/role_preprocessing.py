@@ -1,0 +1,48 @@
+"""Tokenization and request validation (the ensemble's first step).
+
+Inputs: the client contract (docs/configuration.md). Outputs:
+  input_ids          INT32 [-1]  prompt tokens
+  generation_params  BYTES [1]   validated `GenerationParams` as JSON
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+from common import bytes_tensor, engine_config, error_response, inputs_of, setup_process, tensor
+
+from adrenaline_py.loader import load_checkpoint
+from adrenaline_py.request import InvalidRequest, Limits, finish_params, parse_request
+
+
+class Role:
+    def initialize(self, args, config):
+        self.engine = engine_config(config)
+        setup_process("preprocessing", self.engine)
+        ckpt = load_checkpoint(self.engine.model, with_weights=False)
+        self.tokenizer = ckpt.tokenizer
+        self.vocab_size = ckpt.config.vocab_size
+        self.limits = Limits(self.engine.max_model_len, self.engine.max_tokens_limit, self.engine.default_max_tokens)
+
+    def execute(self, requests):
+        return [self._one(r) for r in requests]
+
+    def _one(self, request):
+        try:
+            prompt, settings = parse_request(inputs_of(request), self.limits)
+            ids = self.tokenizer.encode(prompt)
+            if not ids:
+                raise InvalidRequest("text_input produced no tokens")
+            params = finish_params(
+                settings, len(ids), self.limits, self.vocab_size, self.tokenizer.eos_token_ids,
+                lambda w: self.tokenizer.encode(w, add_special_tokens=False),
+            )
+        except InvalidRequest as e:
+            return error_response(str(e))
+        return pb_utils.InferenceResponse(output_tensors=[
+            tensor("input_ids", ids, np.int32),
+            bytes_tensor("generation_params", params.to_json()),
+        ])
+
+    def finalize(self):
+        pass
