@@ -94,11 +94,18 @@ class BlockAllocator:
     def free(self, blocks: list[int], reserved_tokens: int) -> None:
         with self._locked():
             free = int(self._state[_NUM_FREE])
-            if free + len(blocks) > self.num_blocks:
+            returned = torch.tensor(blocks, dtype=torch.int64)
+            # A block already on the free stack (or twice in `blocks`) would later be handed out
+            # to two sequences; the count alone misses this while other sequences hold blocks.
+            if (
+                free + len(blocks) > self.num_blocks
+                or len(set(blocks)) != len(blocks)
+                or bool(torch.isin(returned, self._state[_HEADER : _HEADER + free]).any())
+            ):
                 raise RuntimeError("double free of KV blocks")
-            self._state[_HEADER + free : _HEADER + free + len(blocks)] = torch.tensor(
-                blocks[::-1], dtype=torch.int64
-            )
+            if bool(((returned < 0) | (returned >= self.num_blocks)).any()):
+                raise RuntimeError(f"freeing KV block ids outside the pool: {blocks}")
+            self._state[_HEADER + free : _HEADER + free + len(blocks)] = returned.flip(0)
             self._state[_NUM_FREE] = free + len(blocks)
             self._state[_NUM_SEQS] -= 1
             self._state[_RESERVED_TOKENS] -= reserved_tokens

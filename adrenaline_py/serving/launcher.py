@@ -179,7 +179,9 @@ def serve_forever(engine: EngineConfig, options: ServerOptions) -> int:
     def on_signal(signum, frame):
         raise KeyboardInterrupt
 
+    # Explicit handlers: a launcher started in the background inherits SIGINT ignored.
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     try:
         server.start()
         print(f"adrenaline: starting tritonserver (model {engine.model}, device {engine.device}, "

