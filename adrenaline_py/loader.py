@@ -50,7 +50,8 @@ def load_checkpoint(spec: str, with_weights: bool = True) -> Checkpoint:
         g = load_gguf(path)
         st = g.special_tokens
         special = {k: v for k, v in (("bos_token", st.bos_token), ("eos_token", st.eos_token)) if v}
-        eos = tuple(dict.fromkeys((*g.config.eos_token_ids, *([st.eos_token_id] if st.eos_token_id is not None else []))))
+        eos_ids = [*g.config.eos_token_ids, *([st.eos_token_id] if st.eos_token_id is not None else [])]
+        eos = tuple(dict.fromkeys(eos_ids))
         tokenizer = Tokenizer(g.tokenizer, eos, g.chat_template, special)
         return Checkpoint(spec, g.config, tokenizer, g.state_dict if with_weights else None)
     raise ValueError(f"model {spec!r}: expected 'smollm2', 'dummy:<shape>', an HF directory or a .gguf file")

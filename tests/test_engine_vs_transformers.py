@@ -29,3 +29,87 @@ def test_tiny_gqa_greedy_matches_transformers(tiny_hf, offload):
         assert all(c.offloaded for c in got)
     if offload == "ratio:0.5":
         assert sum(c.offloaded for c in got) == len(prompts) // 2
+
+
+def _tiny_hf_model(**overrides):
+    import dataclasses
+
+    transformers = pytest.importorskip("transformers")
+    from adrenaline_py.config import NAMED_SHAPES
+    from adrenaline_py.loader import Checkpoint
+    from adrenaline_py.weights.dummy import byte_tokenizer
+
+    cfg = dataclasses.replace(NAMED_SHAPES["tiny"], **overrides)
+    torch.manual_seed(2)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg.to_hf_dict())).eval()
+    state = {k: v.detach().clone() for k, v in hf.state_dict().items()}
+    return hf, Checkpoint("tiny", cfg, byte_tokenizer(cfg), state)
+
+
+def test_llama3_rope_scaling_and_tied_embeddings_match_transformers():
+    from adrenaline_py.config import RopeScaling
+
+    # Short original context so that positions of a few hundred tokens reach the scaled bands.
+    scaling = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64)
+    hf, ckpt = _tiny_hf_model(rope_scaling=scaling, rope_theta=500000.0, tie_word_embeddings=True)
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 500, (n,), generator=gen).tolist() for n in (7, 130, 300)]
+    expected = [hf_greedy(hf, p, 16) for p in prompts]
+    with LocalEngine(ckpt, small_engine_config(offload="ratio:0.5")) as engine:
+        got = engine.generate(prompts, [greedy(16) for _ in prompts])
+    assert [c.output_ids for c in got] == expected
+
+
+def test_hf_directory_checkpoint_loads_and_matches_transformers(tmp_path):
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from adrenaline_py.loader import load_checkpoint
+
+    hf, ckpt = _tiny_hf_model()
+    hf.save_pretrained(tmp_path)  # config.json + model.safetensors
+    tok: HFTokenizer = ckpt.tokenizer.tokenizer
+    tok.save(str(tmp_path / "tokenizer.json"))
+    loaded = load_checkpoint(str(tmp_path))
+    assert loaded.config == ckpt.config
+    assert loaded.tokenizer.encode("héllo") == ckpt.tokenizer.encode("héllo")
+    prompts = [[5, 9, 200, 31], list(range(40, 90))]
+    expected = [hf_greedy(hf, p, 12) for p in prompts]
+    with LocalEngine(loaded, small_engine_config(offload="always")) as engine:
+        got = engine.generate(prompts, [greedy(12) for _ in prompts])
+    assert [c.output_ids for c in got] == expected
+
+
+def test_smollm2_batch_greedy_matches_transformers():
+    transformers = pytest.importorskip("transformers")
+    from adrenaline_py.loader import load_checkpoint
+
+    try:
+        ckpt = load_checkpoint("smollm2")
+    except FileNotFoundError as e:
+        pytest.skip(f"SmolLM2 GGUF not installed: {e}")
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**ckpt.config.to_hf_dict()))
+    hf.load_state_dict(ckpt.state_dict, strict=False)
+    hf.tie_weights()
+    hf.eval()
+    texts = ["The capital of France is", "def add(a, b):\n    return",
+             "Once upon a time there was a little robot who lived in a lighthouse. Every night it",
+             "1 2 3 4"]
+    prompts = [ckpt.tokenizer.encode(t) for t in texts]
+    n_new = 16
+    expected = [hf_greedy(hf, p, n_new) for p in prompts]
+    with LocalEngine(ckpt, small_engine_config(offload="ratio:0.5")) as engine:
+        got = engine.generate(prompts, [greedy(n_new) for _ in prompts])
+    assert [c.output_ids for c in got] == expected
+    assert {c.offloaded for c in got} == {True, False}
+
+
+def test_dummy_weights_of_a_named_shape_generate():
+    from adrenaline_py.config import NAMED_SHAPES
+    from adrenaline_py.loader import load_checkpoint
+
+    assert NAMED_SHAPES["llama-3.1-8b"].num_key_value_heads == 8
+    assert NAMED_SHAPES["llama-2-13b"].num_hidden_layers == 40
+    ckpt = load_checkpoint("dummy:tiny")
+    with LocalEngine(ckpt, small_engine_config(offload="always")) as engine:
+        out = engine.generate([ckpt.tokenizer.encode("hello")], [greedy(8)])
+    assert len(out[0].output_ids) == 8 and out[0].finish_reason == "length"

@@ -55,8 +55,9 @@ class LocalEngine:
         }
         backend = TorchAttentionBackend()
         self.prefill = PrefillRunner(model, backend, self.pools, engine.max_prefill_tokens)
-        self.admission = Admission(lambda n: self.pools[n].allocator, OffloadPolicy(engine.offload, engine.offload_bound),
-                                   engine.block_size, engine.admission_timeout_s)
+        policy = OffloadPolicy(engine.offload, engine.offload_bound)
+        self.admission = Admission(lambda n: self.pools[n].allocator, policy, engine.block_size,
+                                   engine.admission_timeout_s)
         self.client = OffloadClient(ckpt.config, engine, dtype)
         scheduler = DecodeScheduler(lambda n: self.pools[n], engine.max_decode_batch)
         runner = DecodeRunner(model, backend, self.pools["decode"], self.client)
@@ -74,7 +75,9 @@ class LocalEngine:
         if chunk.is_final:
             self._done[seq_id].set()
 
-    def generate(self, prompts: list[list[int]], params: list[GenerationParams], timeout: float = 600) -> list[Completion]:
+    def generate(
+        self, prompts: list[list[int]], params: list[GenerationParams], timeout: float = 600
+    ) -> list[Completion]:
         """Admit all prompts, prefill them as one batch, decode them together."""
         tickets = [self.admission.admit(len(p), gp.sampling.max_tokens) for p, gp in zip(prompts, params)]
         items = [PrefillItem(p, t.pool, t.block_table, gp.sampling) for p, t, gp in zip(prompts, tickets, params)]

@@ -44,12 +44,12 @@ def error_response(message: str):
     return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
 
 
-def tensor(name: str, value, dtype) -> "pb_utils.Tensor":
+def tensor(name: str, value, dtype) -> pb_utils.Tensor:
     """A [1, ...] tensor (the batch dimension of the ensemble's models)."""
     return pb_utils.Tensor(name, np.asarray(value, dtype=dtype)[None, ...])
 
 
-def bytes_tensor(name: str, text: str | bytes) -> "pb_utils.Tensor":
+def bytes_tensor(name: str, text: str | bytes) -> pb_utils.Tensor:
     data = text.encode("utf-8") if isinstance(text, str) else text
     return pb_utils.Tensor(name, np.array([[data]], dtype=np.object_))
 

@@ -26,7 +26,9 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         role = config.get("parameters", {}).get("role", {}).get("string_value")
         if role not in ROLES:
-            raise ValueError(f"model {args['model_name']}: parameter 'role' must be one of {sorted(ROLES)}, got {role!r}")
+            raise ValueError(
+                f"model {args['model_name']}: parameter 'role' must be one of {sorted(ROLES)}, got {role!r}"
+            )
         self.impl = importlib.import_module(ROLES[role]).Role()
         self.impl.initialize(args, config)
 

@@ -17,8 +17,18 @@ import os
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from common import bytes_tensor, device_for, dtype_for, engine_config, error_response, inputs_of, log
-from common import setup_process, tensor, text_of
+from common import (
+    bytes_tensor,
+    device_for,
+    dtype_for,
+    engine_config,
+    error_response,
+    inputs_of,
+    log,
+    setup_process,
+    tensor,
+    text_of,
+)
 
 from adrenaline_py.attention import TorchAttentionBackend
 from adrenaline_py.engine.decode import DecodeEngine, DecodeRunner, DecodeScheduler, Sequence

@@ -17,7 +17,17 @@ import os
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from common import device_for, dtype_for, engine_config, error_response, inputs_of, log, setup_process, tensor, text_of
+from common import (
+    device_for,
+    dtype_for,
+    engine_config,
+    error_response,
+    inputs_of,
+    log,
+    setup_process,
+    tensor,
+    text_of,
+)
 
 from adrenaline_py.attention import TorchAttentionBackend
 from adrenaline_py.engine.prefill import PrefillItem, PrefillRunner
