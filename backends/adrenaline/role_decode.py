@@ -63,7 +63,7 @@ class Role:
         log.info("decode ready (pid %d)", os.getpid())
 
     def _pool(self, name: str) -> KVPool:
-        if name not in self.pools:  # the executor's pool: attach when the first offloaded request ends
+        if name not in self.pools:  # the executor pool, attached when its first request arrives
             self.pools[name] = KVPool.attach(name, self.config, self.engine, self.dtype)
         return self.pools[name]
 
@@ -83,11 +83,11 @@ class Role:
                     pool=pool,
                     params=GenerationParams.from_json(text_of(x["generation_params"])),
                 )
+                seq.handle = (sender, seq.params.output)
+                self._pool(pool)  # attach the executor's pool now: decode frees the request's blocks
             except Exception as e:
                 sender.send(error_response(f"decode: bad request: {e}"), flags=FINAL)
                 continue
-            seq.handle = (sender, seq.params.output)
-            self._pool(pool)
             self.loop.add(seq)
         return None
 
