@@ -4,6 +4,7 @@ from adrenaline_py.attention.base import (
     DecodeMetadata,
     KVWrite,
     PrefillMetadata,
+    build_decode_metadata,
     store_kv,
 )
 from adrenaline_py.attention.torch_backend import TorchAttentionBackend, paged_decode_attention
@@ -14,6 +15,7 @@ __all__ = [
     "DecodeMetadata",
     "KVWrite",
     "PrefillMetadata",
+    "build_decode_metadata",
     "TorchAttentionBackend",
     "paged_decode_attention",
     "store_kv",

@@ -44,6 +44,19 @@ class DecodeMetadata:
 AttentionMetadata = PrefillMetadata | DecodeMetadata
 
 
+def build_decode_metadata(
+    kv: torch.Tensor, block_tables: list[list[int]], seq_lens: list[int], device: torch.device
+) -> DecodeMetadata:
+    """Metadata for one decode step of sequences whose new token sits at position seq_len - 1."""
+    block_size = kv.shape[3]
+    width = max(len(t) for t in block_tables)
+    tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.long)
+    lens = torch.tensor(seq_lens, dtype=torch.long)
+    pos = lens - 1
+    slots = tables.gather(1, (pos // block_size)[:, None]).squeeze(1) * block_size + pos % block_size
+    return DecodeMetadata(kv, tables.to(device), lens.to(device), slots.to(device), max(seq_lens))
+
+
 class AttentionBackend(ABC):
     @abstractmethod
     def forward(

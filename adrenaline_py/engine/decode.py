@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from adrenaline_py.attention import AttentionBackend, DecodeMetadata
+from adrenaline_py.attention import AttentionBackend, DecodeMetadata, build_decode_metadata
 from adrenaline_py.attention.offload import OffloadAttentionBackend, OffloadDecodeMetadata
 from adrenaline_py.kv_cache import KVPool
 from adrenaline_py.models.llama import LlamaForCausalLM
@@ -213,14 +213,9 @@ class DecodeRunner:
         return sample(logits, [SamplingRow(s.params.sampling, s.output_ids) for s in seqs])
 
     def _local_metadata(self, seqs: list[Sequence]) -> DecodeMetadata:
-        width = max(len(s.block_table) for s in seqs)
-        tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], dtype=torch.long)
-        seq_lens = torch.tensor([s.num_tokens for s in seqs], dtype=torch.long)
-        bs = self.pool.block_size
-        pos = seq_lens - 1
-        slots = tables.gather(1, (pos // bs)[:, None]).squeeze(1) * bs + pos % bs
-        dev = self.device
-        return DecodeMetadata(self.pool.kv, tables.to(dev), seq_lens.to(dev), slots.to(dev), int(seq_lens.max()))
+        return build_decode_metadata(
+            self.pool.kv, [s.block_table for s in seqs], [s.num_tokens for s in seqs], self.device
+        )
 
 
 class DecodeEngine:

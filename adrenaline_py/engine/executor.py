@@ -11,7 +11,7 @@ import threading
 
 import torch
 
-from adrenaline_py.attention import DecodeMetadata, TorchAttentionBackend
+from adrenaline_py.attention import DecodeMetadata, TorchAttentionBackend, build_decode_metadata
 from adrenaline_py.config import EngineConfig, ModelConfig
 from adrenaline_py.kv_cache import KVPool
 from adrenaline_py.transport import LAYER_FRAME, OffloadBuffers, OffloadServer, OffloadStep
@@ -73,19 +73,7 @@ class AttentionExecutor:
         self.block_tables.update(step.joined)
         self.num_steps += 1
         tables = [self.block_tables[s] for s in step.seq_ids]
-        width = max(len(t) for t in tables)
-        block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
-        seq_lens = torch.tensor(step.seq_lens, dtype=torch.long)
-        bs = self.pool.block_size
-        pos = seq_lens - 1
-        slots = block_tables.gather(1, (pos // bs)[:, None]).squeeze(1) * bs + pos % bs
-        return DecodeMetadata(
-            kv=self.pool.kv,
-            block_tables=block_tables.to(self.device),
-            seq_lens=seq_lens.to(self.device),
-            slots=slots.to(self.device),
-            max_seq_len=max(step.seq_lens),
-        )
+        return build_decode_metadata(self.pool.kv, tables, step.seq_lens, self.device)
 
     def attend(self, layer: int, meta: DecodeMetadata, conn) -> None:
         n = meta.seq_lens.shape[0]
