@@ -44,7 +44,7 @@ def _banned_tokens(row: SamplingRow) -> list[int]:
 
 def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[int]:
     """logits: [B, V] float32 for the rows' next tokens → one token id per row."""
-    logits = logits.float()
+    logits = logits.float().clone()  # banning writes -inf: never into the caller's tensor
     for i, row in enumerate(rows):
         banned = _banned_tokens(row)
         if banned:

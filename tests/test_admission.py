@@ -1,0 +1,209 @@
+"""The offload policy (never / always / ratio:R / auto) and admission into the KV pools."""
+
+import math
+import threading
+import time
+from fractions import Fraction
+
+import pytest
+
+from adrenaline_py.engine.admission import Admission, AdmissionTimeout, Ticket
+from adrenaline_py.kv_cache import BlockAllocator
+from adrenaline_py.policy import OffloadPolicy, PoolLoad
+from adrenaline_py.request import InvalidRequest
+
+BLOCK = 4
+
+# --- OffloadPolicy -------------------------------------------------------------------------------
+
+LOCAL = PoolLoad(num_seqs=4, reserved_tokens=1000, num_free_blocks=100)
+IDLE_REMOTE = PoolLoad(num_seqs=0, reserved_tokens=0, num_free_blocks=100)
+
+
+def decisions(policy, n):
+    return [policy.should_offload(10, 1, LOCAL, IDLE_REMOTE) for _ in range(n)]
+
+
+def test_never_and_always_are_fixed_and_strict():
+    assert decisions(OffloadPolicy("never"), 10) == [False] * 10
+    assert decisions(OffloadPolicy("always"), 10) == [True] * 10
+    assert OffloadPolicy("never").is_strict and OffloadPolicy("always").is_strict
+    assert not OffloadPolicy("auto").is_strict and not OffloadPolicy("ratio:0.5").is_strict
+
+
+def test_always_offloads_even_when_the_executor_is_loaded():
+    busy = PoolLoad(num_seqs=50, reserved_tokens=10**6, num_free_blocks=0)
+    assert OffloadPolicy("always").should_offload(10, 5, LOCAL, busy)
+
+
+@pytest.mark.parametrize("ratio", ["0", "0.1", "0.25", "0.29", "0.3", "0.5", "0.57", "0.9", "1"])
+def test_ratio_offloads_an_exact_share_of_every_prefix(ratio):
+    got = decisions(OffloadPolicy(f"ratio:{ratio}"), 120)
+    exact = Fraction(ratio)       # e.g. 100 * 0.29 is 28.999999999999996 in floats, but 29 offloads
+    for n in range(1, 121):
+        assert sum(got[:n]) == math.floor(n * exact), n
+
+
+def test_ratio_quarter_offloads_every_fourth_request():
+    got = decisions(OffloadPolicy("ratio:0.25"), 12)
+    assert [i for i, d in enumerate(got) if d] == [3, 7, 11]
+
+
+def test_ratio_ignores_loads():
+    full_remote = PoolLoad(num_seqs=99, reserved_tokens=10**6, num_free_blocks=0)
+    policy = OffloadPolicy("ratio:1")
+    assert policy.should_offload(10, 5, LOCAL, full_remote)
+
+
+def auto(num_tokens, local, remote, num_blocks=1, bound=1.0):
+    return OffloadPolicy("auto", bound).should_offload(num_tokens, num_blocks, local, remote)
+
+
+def test_auto_offloads_when_both_conditions_hold():
+    remote = PoolLoad(num_seqs=2, reserved_tokens=600, num_free_blocks=100)
+    assert auto(400, LOCAL, remote)        # C1: 600 + 400 <= 1000; C2: 2 + 1 <= 4
+
+
+def test_auto_c1_offloaded_load_bounded_by_local_load():
+    remote = PoolLoad(num_seqs=0, reserved_tokens=600, num_free_blocks=100)
+    assert auto(400, LOCAL, remote)
+    assert not auto(401, LOCAL, remote)    # 1001 > 1000, though C2 (1 <= 4) holds
+    assert auto(1400, LOCAL, remote, bound=2.0)
+    assert not auto(1401, LOCAL, remote, bound=2.0)
+
+
+def test_auto_c2_offloaded_batch_bounded_by_local_batch():
+    remote = PoolLoad(num_seqs=3, reserved_tokens=0, num_free_blocks=100)
+    assert auto(10, LOCAL, remote)                                        # 3 + 1 <= 4
+    assert not auto(10, LOCAL, PoolLoad(4, 0, 100))                       # 5 > 4, though C1 holds
+    assert auto(10, LOCAL, PoolLoad(7, 0, 100), bound=2.0)                # 8 <= 8
+
+
+def test_auto_never_offloads_without_local_load():
+    assert not auto(1, PoolLoad(0, 0, 100), IDLE_REMOTE)
+
+
+def test_auto_needs_room_in_the_executor_pool():
+    assert auto(10, LOCAL, PoolLoad(0, 0, 5), num_blocks=5)
+    assert not auto(10, LOCAL, PoolLoad(0, 0, 4), num_blocks=5)
+
+
+# --- Admission -----------------------------------------------------------------------------------
+
+@pytest.fixture
+def pools(tmp_path):
+    return {
+        "decode": BlockAllocator.create(tmp_path, "decode", 8),
+        "executor": BlockAllocator.create(tmp_path, "executor", 4),
+    }
+
+
+def admission(pools, mode, timeout_s=0.05, touched=None):
+    def get(name):
+        if touched is not None:
+            touched.add(name)
+        return pools[name]
+
+    return Admission(get, OffloadPolicy(mode), BLOCK, timeout_s, poll_s=0.002)
+
+
+def fill(allocator):
+    return allocator.allocate(allocator.num_free, 1)
+
+
+def test_never_admits_to_decode_and_never_touches_the_executor(pools):
+    touched = set()
+    ticket = admission(pools, "never", touched=touched).admit(num_prompt_tokens=5, max_tokens=6)
+    assert ticket == Ticket("decode", [0, 1, 2], 11)      # ceil(11 / 4) = 3 blocks
+    assert touched == {"decode"}
+    assert (pools["decode"].num_free, pools["decode"].num_seqs, pools["decode"].reserved_tokens) == (5, 1, 11)
+
+
+def test_always_admits_to_the_executor(pools):
+    ticket = admission(pools, "always").admit(num_prompt_tokens=3, max_tokens=1)
+    assert ticket == Ticket("executor", [0], 4)
+    assert pools["executor"].num_free == 3 and pools["decode"].num_free == 8
+
+
+def test_release_returns_the_blocks(pools):
+    adm = admission(pools, "always")
+    ticket = adm.admit(8, 8)
+    assert pools["executor"].num_free == 0
+    adm.release(ticket)
+    executor = pools["executor"]
+    assert (executor.num_free, executor.num_seqs, executor.reserved_tokens) == (4, 0, 0)
+
+
+def test_auto_falls_back_to_decode_when_the_executor_pool_is_full(pools):
+    adm = admission(pools, "auto")
+    pools["decode"].allocate(2, 100)      # local load: 1 seq, 100 tokens → offloading 8 tokens is allowed
+    assert adm.admit(4, 4).pool == "executor"
+    fill(pools["executor"])
+    assert adm.admit(4, 4).pool == "decode"
+
+
+def test_auto_keeps_requests_local_when_c1_fails_and_uses_the_executor_when_decode_is_full(pools):
+    adm = admission(pools, "auto")
+    assert adm.admit(4, 4).pool == "decode"       # no local load yet: C1 / C2 fail
+    fill(pools["decode"])
+    assert adm.admit(4, 4).pool == "executor"     # not strict: the other pool takes it
+
+
+def test_ratio_falls_back_to_decode_when_the_executor_pool_is_full(pools):
+    adm = admission(pools, "ratio:1", timeout_s=5.0)
+    fill(pools["executor"])
+    start = time.monotonic()
+    assert adm.admit(4, 4).pool == "decode"
+    assert time.monotonic() - start < 1.0         # no waiting for the executor
+
+
+def test_non_strict_request_too_big_for_the_executor_goes_to_decode(pools):
+    # 24 tokens = 6 blocks: more than the executor's 4, fits decode's 8.
+    assert admission(pools, "ratio:1").admit(20, 4).pool == "decode"
+
+
+def test_strict_always_waits_then_times_out_when_the_executor_is_full(pools):
+    fill(pools["executor"])
+    adm = admission(pools, "always", timeout_s=0.1)
+    start = time.monotonic()
+    with pytest.raises(AdmissionTimeout, match="KV cache full"):
+        adm.admit(4, 4)
+    assert time.monotonic() - start >= 0.1
+    assert pools["decode"].num_free == 8              # no fallback for a strict mode
+
+
+def test_strict_never_times_out_when_decode_is_full(pools):
+    fill(pools["decode"])
+    with pytest.raises(AdmissionTimeout):
+        admission(pools, "never").admit(4, 4)
+    assert pools["executor"].num_free == 4
+
+
+def test_strict_admission_waits_for_blocks_to_be_released(pools):
+    held = fill(pools["executor"])
+    timer = threading.Timer(0.05, pools["executor"].free, args=(held, 1))
+    timer.start()
+    try:
+        ticket = admission(pools, "always", timeout_s=5.0).admit(4, 4)
+    finally:
+        timer.cancel()
+    assert ticket.pool == "executor" and len(ticket.block_table) == 2
+
+
+def test_request_larger_than_every_pool_is_invalid_at_once(pools):
+    start = time.monotonic()
+    for mode in ("never", "always", "auto", "ratio:0.5"):
+        with pytest.raises(InvalidRequest, match="needs 9 KV blocks"):
+            admission(pools, mode, timeout_s=10).admit(30, 6)   # 36 tokens = 9 blocks > 8
+    assert time.monotonic() - start < 1.0
+
+
+def test_strict_always_rejects_a_request_only_decode_could_hold(pools):
+    with pytest.raises(InvalidRequest, match="more than a pool holds"):
+        admission(pools, "always", timeout_s=10).admit(20, 4)   # 6 blocks > executor's 4
+
+
+def test_invalid_request_takes_no_blocks(pools):
+    with pytest.raises(InvalidRequest):
+        admission(pools, "auto").admit(100, 100)
+    assert pools["decode"].num_free == 8 and pools["executor"].num_free == 4

@@ -1,0 +1,129 @@
+"""`RequestOutput`: decode's token events → client response chunks (byte tokenizer: 1 token = 1 byte)."""
+
+import pytest
+
+from adrenaline_py.config import NAMED_SHAPES
+from adrenaline_py.engine.decode import Sequence, TokenEvent
+from adrenaline_py.engine.output import RequestOutput, ResponseChunk
+from adrenaline_py.request import GenerationParams, OutputOptions, SamplingParams
+from adrenaline_py.weights.dummy import byte_tokenizer
+
+TOK = byte_tokenizer(NAMED_SHAPES["tiny"])
+PROMPT = "Say: "
+
+
+def make_seq(stream=False, exclude_input=True, stop=()):
+    params = GenerationParams(
+        SamplingParams(max_tokens=100, stop=tuple(stop)),
+        OutputOptions(stream=stream, exclude_input_in_output=exclude_input),
+    )
+    return Sequence(7, TOK.encode(PROMPT), [], [0], "decode", params)
+
+
+def events_for(seq, text, finish_reason="length"):
+    """One event per token (as decode sends them); the last one carries the finish reason."""
+    ids = TOK.encode(text)
+    return [TokenEvent(seq, [t], finish_reason if i == len(ids) - 1 else None) for i, t in enumerate(ids)]
+
+
+def play(seq, events):
+    out = RequestOutput(TOK, events[0])
+    return out, [out.on_event(ev) for ev in events]
+
+
+def chunks(results):
+    return [c for c, _ in results if c is not None]
+
+
+def test_non_streaming_sends_one_final_chunk_with_all_text_and_tokens():
+    seq = make_seq()
+    text = "héllo 日本"
+    _, results = play(seq, events_for(seq, text))
+    assert [c for c, _ in results[:-1]] == [None] * (len(results) - 1)
+    assert results[-1] == (ResponseChunk(text, len(text.encode()), len(PROMPT), "length"), False)
+
+
+def test_non_streaming_with_input_in_output_prefixes_the_prompt_text():
+    seq = make_seq(exclude_input=False)
+    _, results = play(seq, events_for(seq, "ok"))
+    assert chunks(results) == [ResponseChunk(PROMPT + "ok", 2, len(PROMPT), "length")]
+
+
+def test_streaming_deltas_add_up_to_the_text_and_the_token_count():
+    seq = make_seq(stream=True)
+    text = "a日b🎉"
+    _, results = play(seq, events_for(seq, text, "stop"))
+    sent = chunks(results)
+    assert "".join(c.text for c in sent) == text
+    assert sum(c.num_output_tokens for c in sent) == len(text.encode())
+    assert [c.finish_reason for c in sent] == [None] * (len(sent) - 1) + ["stop"]
+    assert all(c.num_input_tokens == len(PROMPT) for c in sent)
+
+
+def test_streaming_holds_partial_characters_and_counts_their_tokens_later():
+    seq = make_seq(stream=True)
+    _, results = play(seq, events_for(seq, "a日", None))
+    # 'a' at once; the three bytes of 日 send nothing until the last one, which covers all three.
+    assert [None if c is None else (c.text, c.num_output_tokens) for c, _ in results] == [
+        ("a", 1), None, None, ("日", 3)
+    ]
+
+
+def test_streaming_without_input_prefix():
+    seq = make_seq(stream=True, exclude_input=False)
+    _, results = play(seq, events_for(seq, "hi"))
+    assert "".join(c.text for c in chunks(results)) == "hi"
+
+
+def test_error_event_ends_the_request_with_an_error_chunk():
+    seq = make_seq(stream=True)
+    evs = events_for(seq, "ab", None)
+    out, _ = play(seq, evs)
+    chunk, stopped = out.on_event(TokenEvent(seq, [], "error", "executor gone"))
+    assert chunk == ResponseChunk("", 0, len(PROMPT), "error", "executor gone")
+    assert not stopped
+    assert out.on_event(evs[0]) == (None, False)     # nothing after the end
+
+
+def test_abort_with_no_tokens_flushes_held_text():
+    seq = make_seq(stream=True, stop=("STOP",))
+    out, results = play(seq, events_for(seq, "the ST", None))
+    sent = "".join(c.text for c in chunks(results))
+    assert sent != "the ST"                            # "ST" may still become "STOP"
+    chunk, stopped = out.on_event(TokenEvent(seq, [], "abort"))
+    assert sent + chunk.text == "the ST"
+    assert chunk.finish_reason == "abort" and not stopped
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_string_ends_the_request_and_reports_stopped(stream):
+    seq = make_seq(stream=stream, stop=("STOP",))
+    evs = events_for(seq, "ab STOP cd", None)
+    out, results = play(seq, evs)
+    at = len("ab STOP") - 1                            # the event of the token completing the stop
+    assert [s for _, s in results] == [i == at for i in range(len(evs))]
+    assert all(c is None for c, _ in results[at + 1:])  # later events are ignored
+    sent = chunks(results)
+    assert sent[-1].finish_reason == "stop"
+    text = "".join(c.text for c in sent) if stream else sent[-1].text
+    assert text == "ab "
+    # Tokens up to and including the one that completed the stop string.
+    assert sum(c.num_output_tokens for c in sent) == len("ab STOP")
+    assert out.on_event(TokenEvent(seq, [], "abort")) == (None, False)   # the engine's abort echo
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_string_on_the_last_token_needs_no_abort(stream):
+    seq = make_seq(stream=stream, stop=("END",))
+    _, results = play(seq, events_for(seq, "xEND", "length"))
+    assert [s for _, s in results] == [False] * 4    # decode has already ended the request
+    sent = chunks(results)
+    assert sent[-1].finish_reason == "stop"
+    assert "".join(c.text for c in sent) == "x"
+    assert sum(c.num_output_tokens for c in sent) == 4
+
+
+def test_non_streaming_stop_with_input_in_output():
+    seq = make_seq(exclude_input=False, stop=("\n",))
+    _, results = play(seq, events_for(seq, "one\ntwo", "length"))
+    assert chunks(results) == [ResponseChunk(PROMPT + "one", 4, len(PROMPT), "stop")]
