@@ -71,7 +71,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
     from adrenaline_py.engine.local import LocalEngine
     from adrenaline_py.loader import load_checkpoint
-    from adrenaline_py.request import Limits, finish_params
+    from adrenaline_py.request import InvalidRequest, Limits, check_ranges, finish_params
 
     engine = engine_config_from_args(a)
     ckpt = load_checkpoint(engine.model)
@@ -82,6 +82,10 @@ def cmd_generate(a: argparse.Namespace) -> int:
     settings = {"max_tokens": a.max_tokens, "temperature": a.temperature, "top_k": a.top_k, "top_p": a.top_p}
     if a.seed_sampling is not None:
         settings["seed"] = a.seed_sampling
+    try:
+        check_ranges(settings, limits)
+    except InvalidRequest as e:
+        raise ValueError(str(e)) from None
     params = [finish_params(settings, len(i), limits, ckpt.config.vocab_size, tok.eos_token_ids,
                             lambda w: tok.encode(w, add_special_tokens=False)) for i in ids]
     with LocalEngine(ckpt, engine, getattr(torch, engine.dtype)) as llm:
@@ -113,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     _engine_args(gen)
     gen.add_argument("prompt", nargs="+")
     gen.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
-    gen.add_argument("--max-tokens", type=int, default=32)
+    gen.add_argument("--max-tokens", type=int, default=EngineConfig().default_max_tokens)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--top-p", type=float, default=1.0)

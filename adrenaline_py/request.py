@@ -1,7 +1,7 @@
 """Client request contract: parse and validate the ensemble's inputs into `GenerationParams`.
 
 Inputs follow the TensorRT-LLM ``ensemble`` names and the vLLM backend's ``sampling_parameters``
-JSON. Explicit tensors win over keys of the JSON. Every problem raises `InvalidRequest` with a
+JSON. Explicit tensors win over keys of the JSON; stop and bad word lists from both are merged. Every problem raises `InvalidRequest` with a
 message meant for the client; the Triton model turns it into that request's error.
 """
 
@@ -169,7 +169,7 @@ def parse_request(inputs: dict[str, np.ndarray], limits: Limits) -> tuple[str, d
             key = "stop" if name == "stop_words" else "bad_words"
             settings[key] = list(settings.get(key, ())) + words
 
-    _check_ranges(settings, limits)
+    check_ranges(settings, limits)
     return prompt, settings
 
 
@@ -211,7 +211,8 @@ def _from_json(p: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _check_ranges(s: dict[str, Any], limits: Limits) -> None:
+def check_ranges(s: dict[str, Any], limits: Limits) -> None:
+    """Range checks of the settings that need no tokenizer."""
     max_tokens = s.get("max_tokens", limits.default_max_tokens)
     if max_tokens <= 0:
         raise InvalidRequest(f"max_tokens must be > 0, got {max_tokens}")
@@ -267,7 +268,7 @@ def finish_params(
         end_ids=tuple(dict.fromkeys((*end_ids, *extra))),
         ignore_eos=settings.get("ignore_eos", False),
         stop=tuple(settings.get("stop", ())),
-        bad_words_ids=tuple(tuple(tokenize_word(w)) for w in settings.get("bad_words", ())),
+        bad_words_ids=tuple(ids for w in settings.get("bad_words", ()) if (ids := tuple(tokenize_word(w)))),
     )
     output = OutputOptions(
         stream=settings.get("stream", False),

@@ -113,3 +113,17 @@ def test_dummy_weights_of_a_named_shape_generate():
     with LocalEngine(ckpt, small_engine_config(offload="always")) as engine:
         out = engine.generate([ckpt.tokenizer.encode("hello")], [greedy(8)])
     assert len(out[0].output_ids) == 8 and out[0].finish_reason == "length"
+
+
+def test_min_tokens_and_bad_words_steer_generation_in_prefill_and_decode(tiny_hf):
+    """Logits processing runs on inference-mode logits in both prefill and decode."""
+    _, ckpt = tiny_hf
+    prompt = [7, 8, 9, 10]
+    with LocalEngine(ckpt, small_engine_config(offload="ratio:0.5")) as engine:
+        free = engine.generate([prompt], [greedy(6)])[0].output_ids
+        banned = tuple((t,) for t in set(free))
+        steered = engine.generate([prompt, prompt], [greedy(6, bad_words_ids=banned)] * 2)
+        eos_first = engine.generate([prompt], [greedy(6, end_ids=(free[0],), min_tokens=3)])[0]
+    for c in steered:
+        assert not set(c.output_ids) & set(free)
+    assert eos_first.output_ids[:3] != free[:3] and len(eos_first.output_ids) >= 3

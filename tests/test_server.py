@@ -199,6 +199,21 @@ def test_perf_analyzer_runs_against_the_ensemble(server_never, tmp_path):
     assert "Throughput" in proc.stdout
 
 
+def test_sampling_controls_through_the_server(server_never, engine_outputs):
+    base = engine_outputs[0][0]  # greedy continuation of PROMPTS[0], e.g. " Paris. ..."
+    word = base.split()[0]
+    stopped = complete(server_never, PROMPTS[0], stop_words=[word])
+    assert stopped["finish_reason"] == "stop" and word not in stopped["text_output"]
+    banned = complete(server_never, PROMPTS[0], bad_words=[word])
+    assert not banned["text_output"].startswith(" " + word)
+    vllm_style = complete(server_never, PROMPTS[0], sampling_parameters=json.dumps({"stop": [word], "top_k": -1}))
+    assert vllm_style["text_output"] == stopped["text_output"]
+    sampled = [complete(server_never, PROMPTS[3], temperature=0.9, top_p=0.95, top_k=40, seed=7, min_tokens=8)
+               for _ in range(2)]
+    assert sampled[0]["text_output"] == sampled[1]["text_output"]  # seeded: reproducible
+    assert sampled[0]["num_output_tokens"] >= 8
+
+
 # --- bad input: each gets its own error, the server keeps serving ------------------------------
 
 BAD_JSON_REQUESTS = [

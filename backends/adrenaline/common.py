@@ -24,8 +24,10 @@ def engine_config(model_config: dict) -> EngineConfig:
 def setup_process(role: str, engine: EngineConfig) -> None:
     logging.basicConfig(level=os.environ.get("ADRENALINE_LOG_LEVEL", "INFO"),
                         format=f"%(asctime)s {role} %(levelname)s %(name)s: %(message)s")
-    threads = int(os.environ.get("ADRENALINE_TORCH_THREADS", "0")) or max(1, (os.cpu_count() or 2) // 2)
-    torch.set_num_threads(threads)
+    # Only prefill and decode run big CPU kernels; the other roles get one thread so that six
+    # processes do not oversubscribe the cores.
+    default = max(1, (os.cpu_count() or 2) // 2) if role in ("prefill", "decode") else 1
+    torch.set_num_threads(int(os.environ.get("ADRENALINE_TORCH_THREADS", "0")) or default)
 
 
 def device_for(engine: EngineConfig, gpu: int) -> torch.device:

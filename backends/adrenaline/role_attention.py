@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import triton_python_backend_utils as pb_utils
-from common import bytes_tensor, device_for, dtype_for, engine_config, setup_process
+from common import device_for, dtype_for, engine_config, setup_process
 
 from adrenaline_py.engine.executor import AttentionExecutor
 from adrenaline_py.loader import load_checkpoint
@@ -23,7 +24,7 @@ class Role:
         self.engine = engine_config(config)
         # The MPS share must be set before CUDA is touched in this process.
         if self.engine.device == "cuda":
-            os.environ.setdefault("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", str(self.engine.executor_sm_share))
+            os.environ["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(self.engine.executor_sm_share)
         setup_process("attention", self.engine)
         ckpt = load_checkpoint(self.engine.model, with_weights=False)
         self.executor = AttentionExecutor(
@@ -35,7 +36,8 @@ class Role:
         a = self.executor.pool.allocator
         stats = json.dumps({"steps": self.executor.num_steps, "num_free_blocks": a.num_free,
                             "num_blocks": a.num_blocks, "num_seqs": a.num_seqs})
-        return [pb_utils.InferenceResponse(output_tensors=[bytes_tensor("stats", stats)]) for _ in requests]
+        out = pb_utils.Tensor("stats", np.array([stats.encode()], dtype=np.object_))  # dims [1], no batch dim
+        return [pb_utils.InferenceResponse(output_tensors=[out]) for _ in requests]
 
     def finalize(self):
         self.executor.stop()

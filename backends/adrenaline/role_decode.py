@@ -7,7 +7,7 @@ Inputs (from the scheduler): input_ids INT32 [-1], generation_params BYTES [1],
   first_token INT32 [1], block_table INT32 [-1], kv_pool BYTES [1]
 Outputs (per response): text_output BYTES [1] (a delta when streaming),
   num_output_tokens INT32 [1], num_input_tokens INT32 [1], finish_reason BYTES [1]
-  ("" until the last response, then "stop" | "length" | "abort")
+  ("" until the last response, then "stop" | "length"; failures arrive as errors)
 """
 
 from __future__ import annotations

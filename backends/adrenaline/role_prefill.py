@@ -40,7 +40,7 @@ class Role:
     def initialize(self, args, config):
         self.engine = e = engine_config(config)
         if e.device == "cuda":
-            os.environ.setdefault("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", str(e.prefill_sm_share))
+            os.environ["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(e.prefill_sm_share)
         setup_process("prefill", e)
         self.ckpt = load_checkpoint(e.model)
         self.dtype = dtype_for(e)
