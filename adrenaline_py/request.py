@@ -1,8 +1,9 @@
 """Client request contract: parse and validate the ensemble's inputs into `GenerationParams`.
 
 Inputs follow the TensorRT-LLM ``ensemble`` names and the vLLM backend's ``sampling_parameters``
-JSON. Explicit tensors win over keys of the JSON; stop and bad word lists from both are merged. Every problem raises `InvalidRequest` with a
-message meant for the client; the Triton model turns it into that request's error.
+JSON. Explicit tensors win over keys of the JSON; stop and bad word lists from both are merged.
+Every problem raises `InvalidRequest` with a message meant for the client; the Triton model turns
+it into that request's error.
 """
 
 from __future__ import annotations

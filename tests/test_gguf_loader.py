@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adrenaline_py.weights import find_smollm2_gguf, load_gguf, permute_qk, unpermute_qk
+from adrenaline_py.weights.gguf import find_smollm2_gguf, load_gguf, permute_qk, unpermute_qk
 
 
 def smollm2_gguf_or_none() -> Path | None:

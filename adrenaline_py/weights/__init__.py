@@ -1,19 +1,5 @@
-"""Checkpoint loaders: every loader returns HF-Llama-named float32 tensors plus a ``ModelConfig``."""
+"""Checkpoint loaders (HF directory, GGUF, dummy); `adrenaline_py.loader` picks one by the model spec.
 
-from adrenaline_py.weights.gguf import (
-    GGUFCheckpoint,
-    SpecialTokens,
-    find_smollm2_gguf,
-    load_gguf,
-    permute_qk,
-    unpermute_qk,
-)
-
-__all__ = [
-    "GGUFCheckpoint",
-    "SpecialTokens",
-    "find_smollm2_gguf",
-    "load_gguf",
-    "permute_qk",
-    "unpermute_qk",
-]
+Submodules are imported where they are used, so a machine without the `gguf` package can still
+load HF and dummy checkpoints.
+"""

@@ -1,0 +1,337 @@
+"""Paged decode attention in Triton (flash-decoding), and the backend that uses it.
+
+Decode attention is memory bound: each step reads every context token's K and V once and does
+a few FLOPs per byte. The kernel is laid out so that every byte of the pool is read once:
+
+- one program per (sequence, KV head, partition of the context); all query heads that share the
+  KV head (GQA group, padded to 16 rows for ``tl.dot``) are processed together, so each K/V page
+  is read once per KV head, not once per query head;
+- the context is split into partitions so that small batches still fill the GPU's SMs; each
+  partition writes a normalised partial output and its log-sum-exp, and a small second kernel
+  merges them. When the whole context fits one partition the first kernel writes the output
+  directly and the second is skipped.
+
+Status (2026-11-23): checked against a float64 reference in Triton's CPU interpreter (fp16, and
+bf16 without ``tl.dot``) and compiled for sm_90 without spills; not yet run on a GPU, and not wired
+into serving. tests/test_triton_attention.py and tools/bench_attention.py are the GPU checks.
+
+Triton is imported lazily: on a machine without it (the CPU serving path) this module still
+imports, and ``paged_decode_attention_triton`` raises a clear error.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from adrenaline_py.attention.base import (
+    AttentionBackend,
+    AttentionMetadata,
+    DecodeMetadata,
+    PrefillMetadata,
+    store_kv,
+)
+from adrenaline_py.attention.torch_backend import TorchAttentionBackend
+
+try:  # triton ships with CUDA builds of torch only
+    import triton
+    import triton.language as tl
+
+    _TRITON_IMPORT_ERROR: Exception | None = None
+except ImportError as exc:  # pragma: no cover - depends on the machine
+    triton = None
+    tl = None
+    _TRITON_IMPORT_ERROR = exc
+
+_LOG2E = 1.4426950408889634
+
+
+def triton_available() -> bool:
+    return triton is not None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _paged_decode_partial_kernel(
+        q_ptr, k_ptr, v_ptr, bt_ptr, seq_lens_ptr, out_ptr, part_o_ptr, part_lse_ptr,
+        qk_scale,  # softmax scale * log2(e): the kernel works in base 2
+        stride_qb, stride_qh,
+        stride_kb, stride_kt, stride_kh,
+        stride_vb, stride_vt, stride_vh,
+        stride_btb,
+        stride_ob, stride_oh,
+        max_parts,
+        G: tl.constexpr,          # query heads per KV head
+        BLOCK_H: tl.constexpr,    # G padded (power of 2; >= 16 when USE_DOT)
+        HEAD_DIM: tl.constexpr,
+        PAGE: tl.constexpr,
+        BLOCK_N: tl.constexpr,    # tokens per inner tile
+        PARTITION: tl.constexpr,  # tokens per program (multiple of BLOCK_N)
+        SINGLE: tl.constexpr,     # one partition covers every sequence: write the output directly
+        USE_DOT: tl.constexpr,    # tensor-core dots, or fp32 broadcast-and-sum (an option for G == 1)
+    ):
+        # KV head is the fastest grid axis: the programs of all heads of one (sequence, partition)
+        # run side by side and together read whole token rows ([Hkv, D] contiguous) of each page.
+        kvh = tl.program_id(0)
+        b = tl.program_id(1)
+        part = tl.program_id(2)
+        seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
+        start = part * PARTITION
+        if start >= seq_len:  # ragged batch: this sequence has fewer partitions
+            return
+        end = tl.minimum(start + PARTITION, seq_len)
+
+        offs_h = tl.arange(0, BLOCK_H)
+        offs_d = tl.arange(0, HEAD_DIM)
+        offs_n = tl.arange(0, BLOCK_N)
+        h_mask = offs_h < G
+        q_heads = kvh * G + offs_h
+        q = tl.load(
+            q_ptr + b * stride_qb + q_heads[:, None] * stride_qh + offs_d[None, :],
+            mask=h_mask[:, None], other=0.0,
+        )
+        k_base = k_ptr + kvh * stride_kh
+        v_base = v_ptr + kvh * stride_vh
+        bt_row = bt_ptr + b * stride_btb
+        if USE_DOT:
+            q = q.to(k_ptr.dtype.element_ty)
+        else:
+            q = q.to(tl.float32)
+
+        m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
+
+        # The page ids of the next tile are loaded one iteration ahead and carried: a K/V address
+        # computed from a load in the same iteration (an indirect load) keeps Triton's pipeliner
+        # at one shared-memory buffer, while a carried one lets it keep num_stages - 1 tiles in flight.
+        tok_next = start + offs_n
+        blk_next = tl.load(bt_row + tok_next // PAGE, mask=tok_next < end, other=0)
+        # Every tile has at least one valid token (the loop stops at seq_len), so m_i is finite
+        # after the first tile and no row computes exp2(-inf - -inf).
+        for n0 in range(start, end, BLOCK_N):
+            tok = n0 + offs_n
+            t_mask = tok < end
+            blk = blk_next.to(tl.int64)  # int64 offsets: pools can exceed 2^31 elements
+            tok_next = tok + BLOCK_N
+            blk_next = tl.load(bt_row + tok_next // PAGE, mask=tok_next < end, other=0)
+            in_page = tok % PAGE
+            # Masked slots load 0: the pool's unused slots may hold anything, NaN included.
+            k = tl.load(
+                k_base + blk[:, None] * stride_kb + in_page[:, None] * stride_kt + offs_d[None, :],
+                mask=t_mask[:, None], other=0.0,
+            )
+            v = tl.load(
+                v_base + blk[:, None] * stride_vb + in_page[:, None] * stride_vt + offs_d[None, :],
+                mask=t_mask[:, None], other=0.0,
+            )
+            if USE_DOT:
+                s = tl.dot(q, tl.trans(k))
+            else:
+                s = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
+            s = tl.where(t_mask[None, :], s * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            if USE_DOT:
+                pv = tl.dot(p.to(v.dtype), v)
+            else:
+                pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+
+        o = acc / l_i[:, None]
+        if SINGLE:
+            tl.store(
+                out_ptr + b * stride_ob + q_heads[:, None] * stride_oh + offs_d[None, :],
+                o.to(out_ptr.dtype.element_ty), mask=h_mask[:, None],
+            )
+        else:
+            # part_o is [B, Hq, max_parts, D] and part_lse [B, Hq, max_parts], both contiguous.
+            row = (b * (G * tl.num_programs(0)) + q_heads).to(tl.int64) * max_parts + part
+            tl.store(part_o_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=h_mask[:, None])
+            tl.store(part_lse_ptr + row, m_i + tl.log2(l_i), mask=h_mask)
+
+    @triton.jit
+    def _paged_decode_reduce_kernel(
+        part_o_ptr, part_lse_ptr, seq_lens_ptr, out_ptr,
+        stride_ob, stride_oh,
+        max_parts,
+        HEAD_DIM: tl.constexpr,
+        PARTITION: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        num_heads = tl.num_programs(1)
+        seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
+        num_parts = tl.cdiv(seq_len, PARTITION)
+        row0 = (b * num_heads + h).to(tl.int64) * max_parts
+        offs_p = tl.arange(0, BLOCK_P)
+        offs_d = tl.arange(0, HEAD_DIM)
+
+        # Pass 1: the largest log-sum-exp; pass 2: the weighted sum (partials are normalised).
+        m_vec = tl.full([BLOCK_P], float("-inf"), dtype=tl.float32)
+        for p0 in range(0, num_parts, BLOCK_P):
+            p_mask = p0 + offs_p < num_parts
+            lse = tl.load(part_lse_ptr + row0 + p0 + offs_p, mask=p_mask, other=float("-inf"))
+            m_vec = tl.maximum(m_vec, lse)
+        m = tl.max(m_vec, axis=0)
+
+        w_sum = tl.zeros([BLOCK_P], dtype=tl.float32)
+        acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+        for p0 in range(0, num_parts, BLOCK_P):
+            p_mask = p0 + offs_p < num_parts
+            lse = tl.load(part_lse_ptr + row0 + p0 + offs_p, mask=p_mask, other=float("-inf"))
+            w = tl.exp2(lse - m)
+            o = tl.load(
+                part_o_ptr + (row0 + p0 + offs_p)[:, None] * HEAD_DIM + offs_d[None, :],
+                mask=p_mask[:, None], other=0.0,
+            )
+            acc += tl.sum(w[:, None] * o, axis=0)
+            w_sum += w
+        out = acc / tl.sum(w_sum, axis=0)
+        tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
+
+
+@dataclass(frozen=True)
+class DecodeKernelConfig:
+    partition: int   # tokens per program; multiple of block_n
+    block_n: int     # tokens per inner tile
+    num_warps: int
+    num_stages: int
+    use_dot: bool    # tensor-core dots (cp.async-pipelined loads); False: fp32 broadcast-and-sum
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def default_config(
+    batch: int, num_kv_heads: int, group: int, head_dim: int, page: int, max_seq_len: int, num_sms: int = 132
+) -> DecodeKernelConfig:
+    """Heuristic launch configuration; not yet tuned on a GPU (`tools/bench_attention.py --sweep` does that)."""
+    block_n = max(64, page)
+    # Split the context only as much as needed to give every SM a few programs: each partition
+    # costs a partial-output write and a merge, and short partitions pipeline less.
+    pairs = batch * num_kv_heads
+    partition = 512
+    while partition > 128 and pairs * math.ceil(max_seq_len / partition) < 4 * num_sms:
+        partition //= 2
+    partition = max(partition, block_n)
+    return DecodeKernelConfig(partition=partition, block_n=block_n, num_warps=4, num_stages=3, use_dot=True)
+
+
+def paged_decode_attention_triton(
+    q: torch.Tensor,             # [B, Hq, D]
+    k_cache: torch.Tensor,       # [num_blocks, block_size, Hkv, D]
+    v_cache: torch.Tensor,       # [num_blocks, block_size, Hkv, D]
+    block_tables: torch.Tensor,  # [B, max_blocks] int (padded)
+    seq_lens: torch.Tensor,      # [B] int, >= 1, context including the new token
+    max_seq_len: int,            # host copy of seq_lens.max()
+    scale: float | None = None,
+    config: DecodeKernelConfig | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One query token per sequence attending to its paged K/V context; returns [B, Hq, D] in q's dtype.
+
+    ``out`` (optional, [B, Hq, D], head dim contiguous) receives the result instead of a new tensor.
+    """
+    if triton is None:
+        raise RuntimeError(
+            f"paged_decode_attention_triton needs the 'triton' package and a CUDA GPU "
+            f"(import failed: {_TRITON_IMPORT_ERROR}); use TorchAttentionBackend on this machine"
+        )
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter, for debugging
+    if not q.is_cuda and not interpret:
+        raise RuntimeError("paged_decode_attention_triton runs on CUDA tensors only")
+    B, Hq, D = q.shape
+    num_blocks, page, Hkv, Dk = k_cache.shape
+    if Dk != D or v_cache.shape != k_cache.shape:
+        raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)}")
+    if Hq % Hkv:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({Hkv})")
+    if D & (D - 1) or page & (page - 1):
+        raise ValueError(f"head_dim ({D}) and block size ({page}) must be powers of 2")
+    if q.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
+        raise ValueError("the head dimension of q and of the caches must be contiguous")
+    if out is None:
+        out = torch.empty((B, Hq, D), dtype=q.dtype, device=q.device)
+    elif out.shape != q.shape or out.stride(2) != 1:
+        raise ValueError(f"out must be [B, Hq, D] with a contiguous head dim, got {tuple(out.shape)}")
+    if B == 0 or max_seq_len <= 0:
+        return out
+    block_tables = block_tables if block_tables.stride(1) == 1 else block_tables.contiguous()
+    seq_lens = seq_lens.contiguous()
+    group = Hq // Hkv
+    if config is None:
+        num_sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 132
+        config = default_config(B, Hkv, group, D, page, max_seq_len, num_sms)
+    use_dot = config.use_dot
+    block_h = max(16, _next_pow2(group)) if use_dot else _next_pow2(group)
+    block_n = max(config.block_n, 16 if use_dot else 1)
+    partition = max(config.partition, block_n)
+    if partition % block_n:
+        raise ValueError(f"partition ({partition}) must be a multiple of block_n ({block_n})")
+    max_parts = triton.cdiv(max_seq_len, partition)
+    single = max_parts == 1
+    if single:  # the partial buffers are never touched
+        part_o = part_lse = out
+    else:
+        part_o = torch.empty((B, Hq, max_parts, D), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((B, Hq, max_parts), dtype=torch.float32, device=q.device)
+    scale = D**-0.5 if scale is None else scale
+    _paged_decode_partial_kernel[(Hkv, B, max_parts)](
+        q, k_cache, v_cache, block_tables, seq_lens, out, part_o, part_lse,
+        scale * _LOG2E,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        max_parts,
+        G=group, BLOCK_H=block_h, HEAD_DIM=D, PAGE=page, BLOCK_N=block_n, PARTITION=partition,
+        SINGLE=single, USE_DOT=use_dot,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    if not single:
+        _paged_decode_reduce_kernel[(B, Hq)](
+            part_o, part_lse, seq_lens, out,
+            out.stride(0), out.stride(1),
+            max_parts,
+            HEAD_DIM=D, PARTITION=partition, BLOCK_P=min(32, _next_pow2(max_parts)),
+            num_warps=4 if D >= 128 else 2,
+        )
+    return out
+
+
+class TritonAttentionBackend(AttentionBackend):
+    """Decode through the Triton paged kernel; prefill through the torch reference (for now)."""
+
+    def __init__(self, scale: float | None = None, config: DecodeKernelConfig | None = None) -> None:
+        self.scale = scale
+        self.config = config
+        self._torch = TorchAttentionBackend(scale)
+
+    def forward(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        if isinstance(meta, PrefillMetadata):
+            return self._torch.prefill(layer, q, k, v, meta)
+        return self.decode(layer, q, k, v, meta)
+
+    def decode(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: DecodeMetadata
+    ) -> torch.Tensor:
+        if q.shape[0] == 0:
+            return torch.empty_like(q)
+        store_kv(meta.kv, layer, meta.slots, k, v)
+        return paged_decode_attention_triton(
+            q, meta.kv[layer, 0], meta.kv[layer, 1], meta.block_tables, meta.seq_lens, meta.max_seq_len,
+            self.scale, self.config,
+        )
