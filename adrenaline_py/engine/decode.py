@@ -31,7 +31,7 @@ from adrenaline_py.transport import ExecutorGone, OffloadClient
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(eq=False)  # identity, not field-by-field comparison of token lists
 class Sequence:
     seq_id: int
     prompt_ids: list[int]
@@ -138,8 +138,9 @@ class DecodeScheduler:
                         events.append(TokenEvent(seq, [], reason, error))
                     else:
                         kept.append(seq)
-                self.running = [s for s in kept if s in self.running]
-                self.waiting = deque(s for s in kept if s not in self.running)
+                running_ids = {s.seq_id for s in self.running}
+                self.running = [s for s in kept if s.seq_id in running_ids]
+                self.waiting = deque(s for s in kept if s.seq_id not in running_ids)
             while self.waiting and len(self.running) < self.max_batch:
                 self.running.append(self.waiting.popleft())
             plan = DecodePlan(
