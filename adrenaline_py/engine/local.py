@@ -17,15 +17,15 @@ import torch
 from adrenaline_py.attention import TorchAttentionBackend
 from adrenaline_py.config import EngineConfig
 from adrenaline_py.engine.admission import Admission
-from adrenaline_py.engine.decode import DecodeEngine, DecodeRunner, DecodeScheduler, Sequence
+from adrenaline_py.engine.decode import Sequence
 from adrenaline_py.engine.executor import AttentionExecutor
-from adrenaline_py.engine.output import OutputWorkers, ResponseChunk
+from adrenaline_py.engine.output import ResponseChunk
 from adrenaline_py.engine.prefill import PrefillItem, PrefillRunner
+from adrenaline_py.engine.service import DecodeService
 from adrenaline_py.kv_cache import KVPool
 from adrenaline_py.loader import Checkpoint, build_model
 from adrenaline_py.policy import OffloadPolicy
 from adrenaline_py.request import GenerationParams
-from adrenaline_py.transport import OffloadClient
 
 
 @dataclass
@@ -58,17 +58,10 @@ class LocalEngine:
         policy = OffloadPolicy(engine.offload, engine.offload_bound)
         self.admission = Admission(lambda n: self.pools[n].allocator, policy, engine.block_size,
                                    engine.admission_timeout_s)
-        self.client = OffloadClient(ckpt.config, engine, dtype)
-        scheduler = DecodeScheduler(lambda n: self.pools[n], engine.max_decode_batch)
-        runner = DecodeRunner(model, backend, self.pools["decode"], self.client)
         self._results: dict[int, list[ResponseChunk]] = {}
         self._done: dict[int, threading.Event] = {}
-        self.outputs = OutputWorkers(ckpt.tokenizer, self._collect, lambda i: scheduler.abort(i, "stop"),
-                                     engine.num_sender_threads)
-        self.decode = DecodeEngine(scheduler, runner, self.outputs.submit)
+        self.decode = DecodeService(model, ckpt.tokenizer, engine, dtype, lambda n: self.pools[n], self._collect)
         self._ids = itertools.count()
-        self.outputs.start()
-        self.decode.start()
 
     def _collect(self, seq_id: int, chunk: ResponseChunk) -> None:
         self._results[seq_id].append(chunk)
@@ -104,8 +97,6 @@ class LocalEngine:
 
     def close(self) -> None:
         self.decode.stop()
-        self.outputs.stop()
-        self.client.close()
         self.executor.stop()
         if self._tmp is not None:
             self._tmp.cleanup()

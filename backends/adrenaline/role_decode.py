@@ -30,13 +30,12 @@ from common import (
     text_of,
 )
 
-from adrenaline_py.attention import TorchAttentionBackend
-from adrenaline_py.engine.decode import DecodeEngine, DecodeRunner, DecodeScheduler, Sequence
-from adrenaline_py.engine.output import OutputWorkers, ResponseChunk
+from adrenaline_py.engine.decode import Sequence
+from adrenaline_py.engine.output import ResponseChunk
+from adrenaline_py.engine.service import DecodeService
 from adrenaline_py.kv_cache import POOL_NAMES, KVPool
 from adrenaline_py.loader import build_model, load_checkpoint
 from adrenaline_py.request import GenerationParams
-from adrenaline_py.transport import OffloadClient
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -51,15 +50,8 @@ class Role:
         model = build_model(ckpt, self.dtype, device_for(e, e.decode_gpu), e.max_model_len, e.seed)
         ckpt.state_dict = None
         self.pools = {"decode": KVPool.create("decode", ckpt.config, e, self.dtype)}
-        self.client = OffloadClient(ckpt.config, e, self.dtype)
-        scheduler = DecodeScheduler(self._pool, e.max_decode_batch)
-        runner = DecodeRunner(model, TorchAttentionBackend(), self.pools["decode"], self.client)
-        self.outputs = OutputWorkers(ckpt.tokenizer, self._send, lambda i: scheduler.abort(i, "stop"),
-                                     e.num_sender_threads)
-        self.loop = DecodeEngine(scheduler, runner, self.outputs.submit)
+        self.service = DecodeService(model, ckpt.tokenizer, e, self.dtype, self._pool, self._send)
         self._ids = itertools.count()
-        self.outputs.start()
-        self.loop.start()
         log.info("decode ready (pid %d)", os.getpid())
 
     def _pool(self, name: str) -> KVPool:
@@ -88,7 +80,7 @@ class Role:
             except Exception as e:
                 sender.send(error_response(f"decode: bad request: {e}"), flags=FINAL)
                 continue
-            self.loop.add(seq)
+            self.service.add(seq)
         return None
 
     def _send(self, handle, chunk: ResponseChunk) -> None:
@@ -104,6 +96,4 @@ class Role:
         sender.send(pb_utils.InferenceResponse(output_tensors=outputs), flags=FINAL if chunk.is_final else 0)
 
     def finalize(self):
-        self.loop.stop()
-        self.outputs.stop()
-        self.client.close()
+        self.service.stop()

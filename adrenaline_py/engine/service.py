@@ -1,0 +1,48 @@
+"""The decode side as one unit: the decode loop, its offload client and its output threads.
+
+Both the `decode` Triton role and the in-process `LocalEngine` run exactly this.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from adrenaline_py.attention import TorchAttentionBackend
+from adrenaline_py.config import EngineConfig
+from adrenaline_py.engine.decode import DecodeEngine, DecodeRunner, DecodeScheduler, Sequence
+from adrenaline_py.engine.output import OutputWorkers, ResponseChunk
+from adrenaline_py.kv_cache import KVPool
+from adrenaline_py.models.llama import LlamaForCausalLM
+from adrenaline_py.tokenizer import Tokenizer
+from adrenaline_py.transport import OffloadClient
+
+
+class DecodeService:
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        tokenizer: Tokenizer,
+        engine: EngineConfig,
+        dtype: torch.dtype,
+        pools: Callable[[str], KVPool],
+        send: Callable[[Any, ResponseChunk], None],
+    ) -> None:
+        self.client = OffloadClient(model.config, engine, dtype)
+        scheduler = DecodeScheduler(pools, engine.max_decode_batch)
+        runner = DecodeRunner(model, TorchAttentionBackend(), pools("decode"), self.client)
+        self.outputs = OutputWorkers(tokenizer, send, lambda seq_id: scheduler.abort(seq_id, "stop"),
+                                     engine.num_sender_threads)
+        self.loop = DecodeEngine(scheduler, runner, self.outputs.submit)
+        self.outputs.start()
+        self.loop.start()
+
+    def add(self, seq: Sequence) -> None:
+        self.loop.add(seq)
+
+    def stop(self) -> None:
+        self.loop.stop()
+        self.outputs.stop()
+        self.client.close()
