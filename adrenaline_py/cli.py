@@ -39,6 +39,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-sender-threads", type=int, default=d.num_sender_threads)
     g.add_argument("--admission-timeout", type=float, default=d.admission_timeout_s,
                    help="seconds a request may wait for KV room before it is rejected")
+    g.add_argument("--max-queued-requests", type=int, default=d.max_queued_requests,
+                   help="requests that may wait for KV room at once; beyond it new ones are rejected at once")
     g.add_argument("--seed", type=int, default=d.seed, help="seed of dummy weights")
 
 
@@ -52,7 +54,7 @@ def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
         block_size=a.block_size, num_decode_blocks=a.num_decode_blocks,
         num_executor_blocks=a.num_executor_blocks, max_decode_batch=a.max_decode_batch,
         max_prefill_tokens=a.max_prefill_tokens, num_sender_threads=a.num_sender_threads,
-        admission_timeout_s=a.admission_timeout, seed=a.seed,
+        admission_timeout_s=a.admission_timeout, max_queued_requests=a.max_queued_requests, seed=a.seed,
     )
 
 

@@ -158,6 +158,7 @@ class EngineConfig:
     max_prefill_tokens: int = 8192     # tokens in one batched prefill
     num_sender_threads: int = 4        # decode threads that stream responses to clients
     admission_timeout_s: float = 30.0  # how long a request may wait for KV blocks
+    max_queued_requests: int = 256     # requests that may wait for KV blocks at once; more are rejected
     # Offload policy inputs (``auto``): see adrenaline_py/policy.py.
     offload_bound: float = 1.0         # OB: offloaded load / local load the executor can hide
     prefill_sm_share: int = 70         # MPS percentages on the prefill GPU

@@ -6,7 +6,9 @@ K/V straight into its final place and decode never runs out of blocks mid-reques
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -17,6 +19,14 @@ from adrenaline_py.request import InvalidRequest
 
 class AdmissionTimeout(RuntimeError):
     """No pool could hold the request within the admission timeout."""
+
+
+class Overloaded(RuntimeError):
+    """Too many requests already wait for KV room: rejected at once (bounded queue)."""
+
+
+class RequestCancelled(RuntimeError):
+    """The client cancelled the request before it was admitted."""
 
 
 @dataclass(frozen=True)
@@ -38,42 +48,78 @@ class Admission:
         block_size: int,
         timeout_s: float,
         poll_s: float = 0.005,
+        max_waiting: int | None = None,
+        executor_alive: Callable[[], bool] = lambda: True,
     ) -> None:
         self._allocators = allocators
         self.policy = policy
         self.block_size = block_size
         self.timeout_s = timeout_s
         self.poll_s = poll_s
+        self.max_waiting = max_waiting
+        self.executor_alive = executor_alive
+        self._lock = threading.Lock()
+        self.num_waiting = 0  # requests waiting for KV room now
+        self.rejected: Counter[str] = Counter()  # reason → requests turned away
 
-    def admit(self, num_prompt_tokens: int, max_tokens: int) -> Ticket:
+    def admit(self, num_prompt_tokens: int, max_tokens: int, cancelled: Callable[[], bool] = lambda: False) -> Ticket:
+        """Reserve blocks for prompt + max_tokens in the pool the policy picks, waiting for room.
+
+        Raises InvalidRequest (can never fit), Overloaded (too many waiting), AdmissionTimeout,
+        RequestCancelled (the client went away while waiting).
+        """
         reserved = num_prompt_tokens + max_tokens
         n = blocks_needed(reserved, self.block_size)
-        local, remote = self._allocators("decode"), self._allocators("executor") if self._uses_executor else None
+        use_executor = self._uses_executor and self.executor_alive()
+        local, remote = self._allocators("decode"), self._allocators("executor") if use_executor else None
         offload = self.policy.should_offload(
             reserved, n, _load(local), _load(remote) if remote else PoolLoad(0, 0, 0)
         )
-        order = ["executor", "decode"] if offload else ["decode", "executor"]
-        if self.policy.is_strict or remote is None:
+        order = ["executor", "decode"] if offload and remote else ["decode", "executor"]
+        if remote is None:
+            order = ["decode"]  # no executor (never, or it is down): everything runs locally
+        elif self.policy.is_strict:
             order = order[:1]
         capacity = {name: self._allocators(name).num_blocks for name in order}
         if all(n > c for c in capacity.values()):
+            self.rejected["too_large"] += 1
             raise InvalidRequest(
                 f"request needs {n} KV blocks (prompt + max_tokens = {reserved} tokens), more than a pool holds "
                 f"({max(capacity.values())} blocks)"
             )
-        deadline = time.monotonic() + self.timeout_s
-        while True:
-            for name in order:
-                if n > capacity[name]:
-                    continue
-                blocks = self._allocators(name).allocate(n, reserved)
-                if blocks is not None:
-                    return Ticket(name, blocks, reserved)
-            if time.monotonic() > deadline:
-                raise AdmissionTimeout(
-                    f"KV cache full: no room for {n} blocks within {self.timeout_s:.0f}s; retry later"
-                )
-            time.sleep(self.poll_s)
+        ticket = self._try(order, capacity, n, reserved)
+        if ticket is not None:
+            return ticket
+        with self._lock:
+            if self.max_waiting is not None and self.num_waiting >= self.max_waiting:
+                self.rejected["queue_full"] += 1
+                raise Overloaded(f"server overloaded: {self.num_waiting} requests already wait for KV cache room "
+                                 f"(limit {self.max_waiting}); retry later")
+            self.num_waiting += 1
+        try:
+            deadline = time.monotonic() + self.timeout_s
+            while True:
+                time.sleep(self.poll_s)
+                ticket = self._try(order, capacity, n, reserved)
+                if ticket is not None:
+                    return ticket
+                if cancelled():
+                    self.rejected["cancelled"] += 1
+                    raise RequestCancelled("request cancelled while waiting for KV cache room")
+                if time.monotonic() > deadline:
+                    self.rejected["timeout"] += 1
+                    raise AdmissionTimeout(
+                        f"KV cache full: no room for {n} blocks within {self.timeout_s:.0f}s; retry later"
+                    )
+        finally:
+            with self._lock:
+                self.num_waiting -= 1
+
+    def _try(self, order: list[str], capacity: dict[str, int], n: int, reserved: int) -> Ticket | None:
+        for name in order:
+            if n <= capacity[name] and (blocks := self._allocators(name).allocate(n, reserved)) is not None:
+                return Ticket(name, blocks, reserved)
+        return None
 
     @property
     def _uses_executor(self) -> bool:

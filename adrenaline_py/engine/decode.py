@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +22,8 @@ import torch
 
 from adrenaline_py.attention import AttentionBackend, DecodeMetadata, build_decode_metadata
 from adrenaline_py.attention.offload import OffloadAttentionBackend, OffloadDecodeMetadata
-from adrenaline_py.kv_cache import KVPool
+from adrenaline_py.engine.prefill import PrefillItem, PrefillRunner
+from adrenaline_py.kv_cache import KVPool, blocks_needed
 from adrenaline_py.models.llama import LlamaForCausalLM
 from adrenaline_py.request import GenerationParams
 from adrenaline_py.sampler import SamplingRow, sample
@@ -95,6 +96,7 @@ class DecodeScheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._aborts: dict[int, tuple[str, str | None]] = {}
+        self.finished: Counter[str] = Counter()  # finish reason → requests, for metrics
         self._lock = threading.Lock()
         self.has_work = threading.Condition(self._lock)
 
@@ -103,6 +105,7 @@ class DecodeScheduler:
         reason = check_finished(seq)
         if reason:
             seq.finish_reason = reason
+            self.finished[reason] += 1
             self._free(seq)
             return TokenEvent(seq, list(seq.output_ids), reason)
         with self._lock:
@@ -114,6 +117,11 @@ class DecodeScheduler:
         with self._lock:
             self._aborts[seq_id] = (reason, error)
             self.has_work.notify()
+
+    def snapshot(self) -> list[Sequence]:
+        """The requests decode holds now (running first, then waiting)."""
+        with self._lock:
+            return [*self.running, *self.waiting]
 
     def num_unfinished(self) -> int:
         with self._lock:
@@ -135,6 +143,7 @@ class DecodeScheduler:
                     if seq.seq_id in aborts:
                         reason, error = aborts[seq.seq_id]
                         seq.finish_reason = reason
+                        self.finished[reason] += 1
                         events.append(TokenEvent(seq, [], reason, error))
                     else:
                         kept.append(seq)
@@ -160,6 +169,7 @@ class DecodeScheduler:
             events.append(TokenEvent(seq, [token], reason))
             if reason:
                 seq.finish_reason = reason
+                self.finished[reason] += 1
                 finished.add(seq.seq_id)
                 self._free(seq)
         if finished:
@@ -173,8 +183,17 @@ class DecodeScheduler:
             self.running = [s for s in self.running if s.seq_id not in ids]
         for seq in seqs:
             seq.finish_reason = "error"
+            self.finished["error"] += 1
             self._free(seq)
         return [TokenEvent(s, [], "error", error) for s in seqs]
+
+    def migrate_to_local(self, seq: Sequence, block_table: list[int]) -> None:
+        """Point an offloaded request at its recomputed KV in decode's pool."""
+        try:
+            self._free(seq)
+        except RuntimeError as e:  # the executor came back with a fresh pool: nothing to return
+            log.warning("could not return executor blocks of request %d: %s", seq.seq_id, e)
+        seq.pool, seq.block_table = "decode", block_table
 
     def _free(self, seq: Sequence) -> None:
         self._pools(seq.pool).allocator.free(seq.block_table, seq.reserved_tokens)
@@ -213,6 +232,26 @@ class DecodeRunner:
         logits = self.model.compute_logits(hidden)
         return sample(logits, [SamplingRow(s.params.sampling, s.output_ids) for s in seqs])
 
+    def recompute_locally(self, seqs: list[Sequence]) -> tuple[list[tuple[Sequence, list[int]]], list[Sequence]]:
+        """Rebuild offloaded requests' KV in decode's pool from prompt + generated tokens.
+
+        Returns (request, new block table) for those that fit and the requests that did not.
+        """
+        moved, failed, items = [], [], []
+        for seq in seqs:
+            blocks = self.pool.allocator.allocate(blocks_needed(seq.reserved_tokens, self.pool.block_size),
+                                                  seq.reserved_tokens)
+            if blocks is None:
+                failed.append(seq)
+                continue
+            moved.append((seq, blocks))
+            # Every token before the one this step feeds already has K/V: recompute those.
+            items.append(PrefillItem(seq.prompt_ids + seq.output_ids[:-1], "decode", blocks, seq.params.sampling))
+        if items:
+            runner = PrefillRunner(self.model, self.backend.local, {"decode": self.pool}, max_batch_tokens=8192)
+            runner.run(items)
+        return moved, failed
+
     def _local_metadata(self, seqs: list[Sequence]) -> DecodeMetadata:
         return build_decode_metadata(
             self.pool.kv, [s.block_table for s in seqs], [s.num_tokens for s in seqs], self.device
@@ -228,7 +267,8 @@ class DecodeEngine:
         self.runner = runner
         self.emit = emit
         self.num_steps = 0
-        self.last_batch = (0, 0)  # (local, offloaded) of the last step
+        self.num_recovered = 0     # offloaded requests moved to decode after an executor failure
+        self.batch_sizes: list[tuple[int, int]] = []  # (local, offloaded) per step, drained by metrics
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="decode-loop", daemon=True)
 
@@ -253,16 +293,24 @@ class DecodeEngine:
         try:
             tokens = self.runner.run(plan)
         except ExecutorGone as e:
-            # The executor is gone: its requests end with an error; local ones rerun the step
-            # (rewriting the same K/V into the same slots is harmless).
-            log.error("offloaded requests failed: %s", e)
-            self.emit(self.scheduler.fail(plan.offloaded, str(e)))
-            plan = DecodePlan(local=plan.local)
+            # The executor is gone: recompute its requests' KV here and go on locally (those that
+            # do not fit end with an error), then rerun the step; rewriting the same K/V into the
+            # same slots is harmless for the local rows.
+            log.error("attention executor lost (%s): moving %d requests to decode", e, len(plan.offloaded))
+            moved, failed = self.runner.recompute_locally(plan.offloaded)
+            for seq, blocks in moved:
+                self.scheduler.migrate_to_local(seq, blocks)
+            self.num_recovered += len(moved)
+            if failed:
+                self.emit(self.scheduler.fail(failed, f"attention executor failed ({e}) and decode has no KV room "
+                                                      "to take over the request"))
+            plan = DecodePlan(local=plan.local + [seq for seq, _ in moved])
             if not plan:
                 return True
             tokens = self.runner.run(plan)
         self.num_steps += 1
-        self.last_batch = (len(plan.local), len(plan.offloaded))
+        if len(self.batch_sizes) < 100_000:  # bounded if nobody drains it
+            self.batch_sizes.append((len(plan.local), len(plan.offloaded)))
         self.emit(self.scheduler.update(plan, tokens))
         return True
 

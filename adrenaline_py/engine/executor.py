@@ -7,7 +7,9 @@ and serves the decode instance's per-layer frames (see adrenaline_py/transport.p
 from __future__ import annotations
 
 import logging
+import os
 import threading
+from pathlib import Path
 
 import torch
 
@@ -29,6 +31,8 @@ class AttentionExecutor:
         self.block_tables: dict[int, list[int]] = {}
         self.num_steps = 0
         self._server = OffloadServer(engine, self.buffers)
+        # Liveness for admission: while this process lives, requests may be offloaded.
+        (Path(engine.run_dir) / "executor.pid").write_text(str(os.getpid()))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="attention-executor", daemon=True)
 
@@ -81,3 +85,14 @@ class AttentionExecutor:
         out = self.backend.decode(layer, b.q[layer, :n], b.k[layer, :n], b.v[layer, :n], meta)
         b.out[layer, :n].copy_(out)
         OffloadServer.send_out(conn, layer)
+
+
+def executor_alive(run_dir: str) -> bool:
+    """Whether the attention executor's process is running (it writes its pid at start)."""
+    try:
+        pid = int((Path(run_dir) / "executor.pid").read_text())
+        # A killed stub stays a zombie until Triton reaps it: read its state, not just its pid.
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, ValueError, IndexError):
+        return False
+    return state not in ("Z", "X")

@@ -51,9 +51,10 @@ class RequestOutput:
         """The chunk to send now (if any), and whether a stop string just ended the request."""
         if self.done:
             return None, False
-        if ev.error is not None:
+        if ev.error is not None or ev.finish_reason == "cancelled":
             self.done = True
-            return ResponseChunk("", 0, self.num_input_tokens, "error", ev.error), False
+            error = ev.error or "request cancelled"
+            return ResponseChunk("", 0, self.num_input_tokens, "error", error), False
         final = ev.finish_reason is not None
         delta = ""
         if ev.token_ids:

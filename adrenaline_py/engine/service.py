@@ -31,7 +31,7 @@ class DecodeService:
         send: Callable[[Any, ResponseChunk], None],
     ) -> None:
         self.client = OffloadClient(model.config, engine, dtype)
-        scheduler = DecodeScheduler(pools, engine.max_decode_batch)
+        self.scheduler = scheduler = DecodeScheduler(pools, engine.max_decode_batch)
         runner = DecodeRunner(model, TorchAttentionBackend(), pools("decode"), self.client)
         self.outputs = OutputWorkers(tokenizer, send, lambda seq_id: scheduler.abort(seq_id, "stop"),
                                      engine.num_sender_threads)
@@ -41,6 +41,10 @@ class DecodeService:
 
     def add(self, seq: Sequence) -> None:
         self.loop.add(seq)
+
+    def cancel(self, seq_id: int) -> None:
+        """Stop a request the client gave up on; its blocks are freed at the next step."""
+        self.scheduler.abort(seq_id, "cancelled")
 
     def stop(self) -> None:
         self.loop.stop()

@@ -14,6 +14,7 @@ import os
 import numpy as np
 import triton_python_backend_utils as pb_utils
 from common import device_for, dtype_for, engine_config, setup_process
+from metrics import Sampler, family
 
 from adrenaline_py.engine.executor import AttentionExecutor
 from adrenaline_py.loader import load_checkpoint
@@ -31,6 +32,15 @@ class Role:
             ckpt.config, self.engine, dtype_for(self.engine), device_for(self.engine, self.engine.prefill_gpu)
         )
         self.executor.start()
+        steps = family("adrenaline_executor_steps_total", "decode steps served by the attention executor", "COUNTER")
+        self._steps, self._seen_steps = steps.Metric(), 0
+        self._sampler = Sampler(self._update_metrics)
+
+    def _update_metrics(self) -> None:
+        n = self.executor.num_steps
+        if n > self._seen_steps:
+            self._steps.increment(n - self._seen_steps)
+            self._seen_steps = n
 
     def execute(self, requests):
         a = self.executor.pool.allocator
@@ -40,4 +50,5 @@ class Role:
         return [pb_utils.InferenceResponse(output_tensors=[out]) for _ in requests]
 
     def finalize(self):
+        self._sampler.stop()
         self.executor.stop()

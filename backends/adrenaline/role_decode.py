@@ -29,6 +29,7 @@ from common import (
     tensor,
     text_of,
 )
+from metrics import BATCH_BUCKETS, Sampler, family
 
 from adrenaline_py.engine.decode import Sequence
 from adrenaline_py.engine.output import ResponseChunk
@@ -52,7 +53,16 @@ class Role:
         self.pools = {"decode": KVPool.create("decode", ckpt.config, e, self.dtype)}
         self.service = DecodeService(model, ckpt.tokenizer, e, self.dtype, self._pool, self._send)
         self._ids = itertools.count()
+        self._metrics = DecodeMetrics(self.service, self._pool)
+        self._samplers = [Sampler(self._metrics.update), Sampler(self._sweep_cancelled, period_s=0.2)]
         log.info("decode ready (pid %d)", os.getpid())
+
+    def _sweep_cancelled(self) -> None:
+        """Clients that went away (stream closed, gRPC cancel) free their KV within one sweep."""
+        for seq in self.service.scheduler.snapshot():
+            sender, _ = seq.handle
+            if sender.is_cancelled():
+                self.service.cancel(seq.seq_id)
 
     def _pool(self, name: str) -> KVPool:
         if name not in self.pools:  # the executor pool, attached when its first request arrives
@@ -96,4 +106,62 @@ class Role:
         sender.send(pb_utils.InferenceResponse(output_tensors=outputs), flags=FINAL if chunk.is_final else 0)
 
     def finalize(self):
+        for sampler in self._samplers:
+            sampler.stop()
         self.service.stop()
+
+
+class DecodeMetrics:
+    """KV blocks per pool, requests by state, offloaded requests, batch sizes, finish reasons."""
+
+    def __init__(self, service: DecodeService, pools) -> None:
+        self.service, self.pools = service, pools
+        used = family("adrenaline_kv_blocks_used", "KV cache blocks in use, per pool", "GAUGE")
+        total = family("adrenaline_kv_blocks_total", "KV cache blocks, per pool", "GAUGE")
+        self.kv = {p: (used.Metric(labels={"pool": p}), total.Metric(labels={"pool": p})) for p in POOL_NAMES}
+        requests = family("adrenaline_decode_requests", "requests held by decode, by state", "GAUGE")
+        self.requests = {s: requests.Metric(labels={"state": s}) for s in ("running", "waiting")}
+        self.offloaded = family("adrenaline_requests_offloaded",
+                                "requests held by decode whose attention runs on the executor", "GAUGE").Metric()
+        batch = family("adrenaline_decode_batch_size", "requests per decode step", "HISTOGRAM")
+        self.batch = {r: batch.Metric(labels={"rows": r}, buckets=BATCH_BUCKETS) for r in ("all", "offloaded")}
+        self.steps = family("adrenaline_decode_steps_total", "decode steps run", "COUNTER").Metric()
+        self._finished_family = family("adrenaline_requests_finished_total", "requests ended by decode, by reason",
+                                       "COUNTER")
+        self.finished: dict[str, object] = {}
+        self.recovered = family("adrenaline_offload_recovered_total",
+                                "offloaded requests moved to decode after an executor failure", "COUNTER").Metric()
+        self._seen = {"steps": 0, "recovered": 0, "finished": {}}
+
+    def update(self) -> None:
+        for name, (used, total) in self.kv.items():
+            try:
+                allocator = self.pools(name).allocator
+            except Exception:  # the executor's pool not created yet
+                continue
+            used.set(allocator.num_blocks - allocator.num_free)
+            total.set(allocator.num_blocks)
+        scheduler, loop = self.service.scheduler, self.service.loop
+        held = scheduler.snapshot()
+        num_running = len(scheduler.running)
+        self.requests["running"].set(num_running)
+        self.requests["waiting"].set(len(held) - num_running)
+        self.offloaded.set(sum(s.is_offloaded for s in held))
+        sizes, loop.batch_sizes = loop.batch_sizes, []
+        for local, offloaded in sizes:
+            self.batch["all"].observe(local + offloaded)
+            self.batch["offloaded"].observe(offloaded)
+        self._add(self.steps, loop.num_steps, "steps")
+        self._add(self.recovered, loop.num_recovered, "recovered")
+        for reason, count in list(scheduler.finished.items()):
+            if reason not in self.finished:
+                self.finished[reason] = self._finished_family.Metric(labels={"reason": reason})
+            seen = self._seen["finished"].get(reason, 0)
+            if count > seen:
+                self.finished[reason].increment(count - seen)
+                self._seen["finished"][reason] = count
+
+    def _add(self, counter, value: int, key: str) -> None:
+        if value > self._seen[key]:
+            counter.increment(value - self._seen[key])
+            self._seen[key] = value

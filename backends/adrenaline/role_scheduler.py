@@ -12,13 +12,18 @@ Outputs: input_ids INT32 [-1], generation_params BYTES [1], first_token INT32 [1
 
 from __future__ import annotations
 
+import threading
+import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 from common import bytes_tensor, engine_config, error_response, inputs_of, log, setup_process, tensor, text_of
+from metrics import Sampler, family
 
-from adrenaline_py.engine.admission import Admission, AdmissionTimeout
+from adrenaline_py.engine.admission import Admission, AdmissionTimeout, Overloaded, RequestCancelled
+from adrenaline_py.engine.executor import executor_alive
 from adrenaline_py.kv_cache import POOL_NAMES, BlockAllocator
 from adrenaline_py.policy import OffloadPolicy
 from adrenaline_py.request import GenerationParams, InvalidRequest
@@ -32,8 +37,13 @@ class Role:
         setup_process("scheduler", e)
         self._allocators: dict[str, BlockAllocator] = {}
         self.admission = Admission(self._allocator, OffloadPolicy(e.offload, e.offload_bound), e.block_size,
-                                   e.admission_timeout_s)
-        self.pool = ThreadPoolExecutor(max_workers=max(8, 2 * e.max_decode_batch), thread_name_prefix="admit")
+                                   e.admission_timeout_s, max_waiting=e.max_queued_requests,
+                                   executor_alive=self._executor_alive)
+        workers = e.max_queued_requests + 2 * e.max_decode_batch  # waiting ones + those in prefill
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="admit")
+        self._last_probe = 0.0
+        self.metrics = SchedulerMetrics(self.admission)
+        self._sampler = Sampler(self.metrics.update)
 
     def _allocator(self, name: str) -> BlockAllocator:
         if name not in self._allocators:
@@ -46,6 +56,23 @@ class Role:
             self.pool.submit(self._handle, request, request.get_response_sender())
         return None
 
+    def _executor_alive(self) -> bool:
+        if executor_alive(self.engine.run_dir):
+            return True
+        # A Triton request to a model whose stub died makes the python backend restart it.
+        now = time.monotonic()
+        if now - self._last_probe > 5.0:
+            self._last_probe = now
+            threading.Thread(target=self._probe_executor, daemon=True).start()
+        return False
+
+    def _probe_executor(self) -> None:
+        probe = pb_utils.InferenceRequest(model_name="attention", requested_output_names=["stats"],
+                                          inputs=[pb_utils.Tensor("probe", np.zeros(1, dtype=np.int32))])
+        response = probe.exec()
+        log.warning("attention executor was down; probe answered %s",
+                    response.error().message() if response.has_error() else "ok")
+
     def _handle(self, request, sender):
         ticket = None
         try:
@@ -53,8 +80,11 @@ class Role:
             input_ids = x["input_ids"].reshape(-1).astype(np.int32)
             params_json = text_of(x["generation_params"])
             params = GenerationParams.from_json(params_json)
-            ticket = self.admission.admit(len(input_ids), params.sampling.max_tokens)
+            ticket = self.admission.admit(len(input_ids), params.sampling.max_tokens, request.is_cancelled)
+            self.metrics.admitted[ticket.pool] += 1
             first = self._prefill(input_ids, ticket, params_json)
+            if request.is_cancelled():
+                raise RequestCancelled("request cancelled during prefill")
             sender.send(pb_utils.InferenceResponse(output_tensors=[
                 tensor("input_ids", input_ids, np.int32),
                 bytes_tensor("generation_params", params_json),
@@ -63,7 +93,7 @@ class Role:
                 bytes_tensor("kv_pool", ticket.pool),
             ]), flags=FINAL)
             ticket = None  # decode owns the blocks now
-        except (InvalidRequest, AdmissionTimeout) as e:
+        except (InvalidRequest, AdmissionTimeout, Overloaded, RequestCancelled) as e:
             sender.send(error_response(str(e)), flags=FINAL)
         except Exception as e:
             log.exception("scheduling failed")
@@ -73,6 +103,15 @@ class Role:
                 self.admission.release(ticket)
 
     def _prefill(self, input_ids: np.ndarray, ticket, params_json: str) -> int:
+        """First token from prefill; one retry covers a prefill stub that died and was restarted."""
+        try:
+            return self._prefill_once(input_ids, ticket, params_json)
+        except RuntimeError as e:
+            log.warning("prefill failed (%s); retrying once", e)
+            time.sleep(1.0)
+            return self._prefill_once(input_ids, ticket, params_json)
+
+    def _prefill_once(self, input_ids: np.ndarray, ticket, params_json: str) -> int:
         assert ticket.pool in POOL_NAMES
         response = pb_utils.InferenceRequest(
             model_name="prefill",
@@ -89,4 +128,32 @@ class Role:
         return int(pb_utils.get_output_tensor_by_name(response, "first_token").as_numpy().reshape(-1)[0])
 
     def finalize(self):
+        self._sampler.stop()
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+class SchedulerMetrics:
+    """Requests waiting for KV room, rejections by reason, admissions by pool."""
+
+    def __init__(self, admission: Admission) -> None:
+        self.admission = admission
+        self.admitted: Counter[str] = Counter()
+        self.waiting = family("adrenaline_admission_waiting", "requests waiting for KV cache room", "GAUGE").Metric()
+        self._rejected = family("adrenaline_admission_rejected_total",
+                                "requests rejected at admission, by reason", "COUNTER")
+        self._admitted = family("adrenaline_admitted_total", "requests admitted, by KV pool (executor = offloaded)",
+                                "COUNTER")
+        self._metrics: dict[tuple[str, str], object] = {}
+        self._seen: Counter[tuple[str, str]] = Counter()
+
+    def update(self) -> None:
+        self.waiting.set(self.admission.num_waiting)
+        for kind, counts, fam, label in (("rejected", self.admission.rejected, self._rejected, "reason"),
+                                         ("admitted", self.admitted, self._admitted, "pool")):
+            for key, count in list(counts.items()):
+                k = (kind, key)
+                if k not in self._metrics:
+                    self._metrics[k] = fam.Metric(labels={label: key})
+                if count > self._seen[k]:
+                    self._metrics[k].increment(count - self._seen[k])
+                    self._seen[k] = count

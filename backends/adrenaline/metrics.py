@@ -1,0 +1,50 @@
+"""Prometheus metrics on Triton's metrics port (pb_utils.MetricFamily), updated off the hot path.
+
+Each role samples its engine state from a background thread every `PERIOD_S`; the decode loop
+itself only appends batch sizes to a list.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+import triton_python_backend_utils as pb_utils
+
+PERIOD_S = 0.5
+BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
+
+log = logging.getLogger("adrenaline.metrics")
+
+_families: dict[str, object] = {}
+
+
+def family(name: str, description: str, kind: str):
+    """One MetricFamily per name per process (creating it twice is an error in Triton)."""
+    if name not in _families:
+        _families[name] = pb_utils.MetricFamily(name=name, description=description,
+                                                kind=getattr(pb_utils.MetricFamily, kind))
+    return _families[name]
+
+
+class Sampler:
+    """Calls ``update()`` every PERIOD_S on a daemon thread until stopped."""
+
+    def __init__(self, update: Callable[[], None], period_s: float = PERIOD_S) -> None:
+        self._update = update
+        self._period_s = period_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="metrics", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._period_s):
+            try:
+                self._update()
+            except Exception:  # metrics must never take a role down
+                log.exception("metrics update failed")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
