@@ -1,0 +1,139 @@
+"""Serving under overload and faults, through the real tritonserver (SmolLM2-135M, CPU, loopback)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from conftest import small_engine_config
+from test_server import _free_ports, generate
+
+from adrenaline_py.serving.launcher import Server, ServerOptions
+
+pytestmark = pytest.mark.server
+
+
+def _server(tmp_path_factory, name: str, **engine) -> Server:
+    http, grpc_port, metrics = _free_ports(3)
+    cfg = small_engine_config(model="smollm2", max_model_len=1024, max_tokens_limit=512, **engine)
+    cfg = type(cfg)(**{**cfg.__dict__, "run_dir": ""})
+    log = tmp_path_factory.mktemp(name) / "server.log"
+    server = Server(cfg, ServerOptions(http_port=http, grpc_port=grpc_port, metrics_port=metrics,
+                                       startup_timeout_s=300), log_path=log)
+    server.__enter__()
+    return server
+
+
+def metrics(server: Server) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.options.metrics_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("adrenaline_"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def wait_for(predicate, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.25)
+    return False
+
+
+def stream(server: Server, prompt: str, max_tokens: int) -> dict:
+    """One streaming request; returns its text and how it ended (finish reason or error)."""
+    events = generate(server, {"text_input": prompt, "max_tokens": max_tokens, "stream": True}, "generate_stream")
+    errors = [e["error"] for e in events if "error" in e]
+    return {"text": "".join(e.get("text_output", "") for e in events),
+            "finish_reason": next((e["finish_reason"] for e in events if e.get("finish_reason")), None),
+            "error": errors[0] if errors else None}
+
+
+@pytest.fixture(scope="module")
+def small_pools_server(tmp_path_factory):
+    # 48 blocks of 16 tokens per pool: about 9 requests of 20 + 64 tokens each, per pool.
+    server = _server(tmp_path_factory, "overload", offload="auto", num_decode_blocks=48, num_executor_blocks=48,
+                     max_queued_requests=6, admission_timeout_s=4.0, max_decode_batch=32)
+    yield server
+    server.stop()
+
+
+def test_metrics_report_pools_requests_and_batches(small_pools_server):
+    generate(small_pools_server, {"text_input": "The capital of France is", "max_tokens": 8})
+    # Metrics are sampled every 0.5 s: wait until the finished request shows.
+    assert wait_for(lambda: metrics(small_pools_server).get('adrenaline_requests_finished_total{reason="length"}'))
+    time.sleep(1.0)
+    m = metrics(small_pools_server)
+    for pool in ("decode", "executor"):
+        assert m[f'adrenaline_kv_blocks_total{{pool="{pool}"}}'] == 48
+        assert m[f'adrenaline_kv_blocks_used{{pool="{pool}"}}'] == 0
+    assert m['adrenaline_decode_requests{state="running"}'] == 0
+    assert m["adrenaline_requests_offloaded"] == 0
+    assert m['adrenaline_decode_batch_size_count{rows="all"}'] >= 7
+    assert m['adrenaline_requests_finished_total{reason="length"}'] >= 1
+
+
+def test_overload_ends_every_request_with_output_or_explicit_error(small_pools_server):
+    prompts = [f"Request {i}: write a short poem about the number {i}." for i in range(48)]
+    with ThreadPoolExecutor(max_workers=len(prompts)) as pool:
+        results = list(pool.map(lambda p: stream(small_pools_server, p, 64), prompts))
+    finished = [r for r in results if r["finish_reason"] in ("stop", "length")]
+    rejected = [r for r in results if r["error"]]
+    assert len(finished) + len(rejected) == len(prompts)  # nothing lost or left hanging
+    assert finished and rejected
+    for r in rejected:
+        assert re.search(r"server overloaded|KV cache full", r["error"]), r["error"]
+    m = metrics(small_pools_server)
+    # auto admission used both pools: offloaded while the executor had room, local otherwise
+    assert m['adrenaline_admitted_total{pool="executor"}'] > 0
+    assert m['adrenaline_admitted_total{pool="decode"}'] > 0
+    assert wait_for(lambda: all(metrics(small_pools_server)[f'adrenaline_kv_blocks_used{{pool="{p}"}}'] == 0
+                                for p in ("decode", "executor")))
+    ok = generate(small_pools_server, {"text_input": "Still serving?", "max_tokens": 4})
+    assert ok.get("finish_reason") == "length"
+
+
+@pytest.fixture(scope="module")
+def offload_server(tmp_path_factory):
+    server = _server(tmp_path_factory, "kill", offload="always", num_decode_blocks=256, num_executor_blocks=256)
+    yield server
+    server.stop()
+
+
+def _stub_pid(server: Server, model: str) -> int:
+    """The python-backend stub process of one model instance of this server."""
+    for proc in Path("/proc").iterdir():
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(str(server.run_dir).encode() in a for a in args) and f"{model}_0_0".encode() in args:
+            return int(proc.name)
+    raise AssertionError(f"no stub process for {model}")
+
+
+def test_killing_the_executor_mid_decode_moves_its_requests_to_decode(offload_server):
+    prompts = ["Tell me a long story about a dragon:", "List the planets of the solar system:",
+               "Write a recipe for bread:"]
+    with ThreadPoolExecutor(max_workers=len(prompts)) as pool:
+        futures = [pool.submit(stream, offload_server, p, 80) for p in prompts]
+        assert wait_for(lambda: metrics(offload_server).get("adrenaline_requests_offloaded", 0) == len(prompts))
+        os.kill(_stub_pid(offload_server, "attention"), signal.SIGKILL)
+        results = [f.result(timeout=300) for f in futures]
+    assert all(r["error"] is None and r["finish_reason"] for r in results), results
+    assert metrics(offload_server)["adrenaline_offload_recovered_total"] >= 1
+    # Recomputed KV gives the same continuation as an uninterrupted run (now served locally).
+    for prompt, r in zip(prompts, results):
+        again = generate(offload_server, {"text_input": prompt, "max_tokens": 80})
+        assert again["text_output"] == r["text"]
+    assert wait_for(lambda: metrics(offload_server)['adrenaline_kv_blocks_used{pool="decode"}'] == 0)
