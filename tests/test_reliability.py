@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -10,6 +11,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import small_engine_config
 from test_server import _free_ports, generate
@@ -105,9 +107,51 @@ def test_overload_ends_every_request_with_output_or_explicit_error(small_pools_s
 
 @pytest.fixture(scope="module")
 def offload_server(tmp_path_factory):
-    server = _server(tmp_path_factory, "kill", offload="always", num_decode_blocks=256, num_executor_blocks=256)
+    server = _server(tmp_path_factory, "kill", offload="always", num_decode_blocks=512, num_executor_blocks=512,
+                     max_decode_batch=32)
     yield server
     server.stop()
+
+
+def _open_stream(server: Server, prompt: str, max_tokens: int):
+    body = json.dumps({"text_input": prompt, "max_tokens": max_tokens, "stream": True}).encode()
+    response = urllib.request.urlopen(urllib.request.Request(
+        f"{server.http_url}/v2/models/ensemble/generate_stream", data=body), timeout=120)
+    response.readline()  # the first event arrived: the request is decoding
+    return response
+
+
+def test_cancelled_streams_free_their_kv_blocks_in_both_pools(offload_server):
+    import tritonclient.grpc as grpcclient
+
+    num_grpc, num_http = 24, 8
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{offload_server.options.grpc_port}")
+    client.start_stream(callback=lambda result, error: None)
+    for i in range(num_grpc):
+        inputs = []
+        for name, value, dtype in (("text_input", np.array([[f"Story {i}:".encode()]], dtype=np.object_), "BYTES"),
+                                   ("max_tokens", np.array([[200]], dtype=np.int32), "INT32"),
+                                   ("stream", np.array([[True]]), "BOOL")):
+            t = grpcclient.InferInput(name, list(value.shape), dtype)
+            t.set_data_from_numpy(value)
+            inputs.append(t)
+        client.async_stream_infer("ensemble", inputs)
+    http_streams = [_open_stream(offload_server, f"Poem {i}:", 200) for i in range(num_http)]
+    total = num_grpc + num_http
+    held = lambda m: m['adrenaline_decode_requests{state="running"}'] + m['adrenaline_decode_requests{state="waiting"}']
+    assert wait_for(lambda: held(metrics(offload_server)) == total, 120)
+    assert metrics(offload_server)['adrenaline_kv_blocks_used{pool="executor"}'] > 0
+    client.stop_stream(cancel_requests=True)
+    client.close()
+    for r in http_streams:
+        r.close()
+    started = time.monotonic()
+    assert wait_for(lambda: all(metrics(offload_server)[f'adrenaline_kv_blocks_used{{pool="{p}"}}'] == 0
+                                for p in ("decode", "executor")), timeout=15)
+    print(f"{total} cancelled streams freed their blocks in {time.monotonic() - started:.1f}s")
+    m = metrics(offload_server)
+    assert m['adrenaline_requests_finished_total{reason="cancelled"}'] == total
+    assert m['adrenaline_decode_requests{state="running"}'] == 0
 
 
 def _stub_pid(server: Server, model: str) -> int:

@@ -1,10 +1,13 @@
-"""Continuous-batching decode (decoupled): the ensemble's streaming step.
+"""The client entry (model `ensemble`) and continuous-batching decode, in one decoupled model.
 
-`execute` only enqueues: the engine loop (adrenaline_py/engine/decode.py) runs steps in the
-background and output threads detokenize and send each request's responses on its own sender.
+Per request, on an admission thread: `preprocessing` (BLS) validates and tokenizes, `scheduler`
+(BLS) picks the KV pool, reserves blocks and runs prefill; the request then joins the decode
+loop (adrenaline_py/engine/decode.py) in this process, and output threads detokenize and send
+its responses on its own sender — no Triton hop per token. Being the model the client calls
+(not a step of Triton's ensemble platform, which in 2.51 does not pass a client's cancellation
+on to a step already running) lets a closed stream or a gRPC cancel stop the request here.
 
-Inputs (from the scheduler): input_ids INT32 [-1], generation_params BYTES [1],
-  first_token INT32 [1], block_table INT32 [-1], kv_pool BYTES [1]
+Inputs: the client contract (docs/configuration.md), forwarded to preprocessing.
 Outputs (per response): text_output BYTES [1] (a delta when streaming),
   num_output_tokens INT32 [1], num_input_tokens INT32 [1], finish_reason BYTES [1]
   ("" until the last response, then "stop" | "length"; failures arrive as errors)
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -23,7 +27,6 @@ from common import (
     dtype_for,
     engine_config,
     error_response,
-    inputs_of,
     log,
     setup_process,
     tensor,
@@ -41,6 +44,10 @@ from adrenaline_py.request import GenerationParams
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
+class RequestRejected(Exception):
+    """A step before decode refused the request; its message goes to the client."""
+
+
 class Role:
     def initialize(self, args, config):
         self.engine = e = engine_config(config)
@@ -55,13 +62,16 @@ class Role:
         self._ids = itertools.count()
         self._metrics = DecodeMetrics(self.service, self._pool)
         self._samplers = [Sampler(self._metrics.update), Sampler(self._sweep_cancelled, period_s=0.2)]
+        # Admission threads wait in preprocessing, for KV room and for prefill.
+        self._admission = ThreadPoolExecutor(max_workers=e.max_queued_requests + 2 * e.max_decode_batch,
+                                             thread_name_prefix="admit")
         log.info("decode ready (pid %d)", os.getpid())
 
     def _sweep_cancelled(self) -> None:
         """Clients that went away (stream closed, gRPC cancel) free their KV within one sweep."""
         for seq in self.service.scheduler.snapshot():
-            sender, _ = seq.handle
-            if sender.is_cancelled():
+            _, _, request = seq.handle
+            if request.is_cancelled():
                 self.service.cancel(seq.seq_id)
 
     def _pool(self, name: str) -> KVPool:
@@ -71,30 +81,65 @@ class Role:
 
     def execute(self, requests):
         for request in requests:
-            sender = request.get_response_sender()
-            try:
-                x = inputs_of(request)
-                pool = text_of(x["kv_pool"])
-                if pool not in POOL_NAMES:
-                    raise ValueError(f"kv_pool must be one of {POOL_NAMES}, got {pool!r}")
-                seq = Sequence(
-                    seq_id=next(self._ids),
-                    prompt_ids=x["input_ids"].reshape(-1).tolist(),
-                    output_ids=[int(x["first_token"].reshape(-1)[0])],
-                    block_table=x["block_table"].reshape(-1).tolist(),
-                    pool=pool,
-                    params=GenerationParams.from_json(text_of(x["generation_params"])),
-                )
-                seq.handle = (sender, seq.params.output)
-                self._pool(pool)  # attach the executor's pool now: decode frees the request's blocks
-            except Exception as e:
-                sender.send(error_response(f"decode: bad request: {e}"), flags=FINAL)
-                continue
-            self.service.add(seq)
+            self._admission.submit(self._admit, request, request.get_response_sender())
         return None
 
+    def _admit(self, request, sender) -> None:
+        handed_on = None
+        try:
+            pre = self._call("preprocessing", request.inputs(), ["input_ids", "generation_params"])
+            sched = self._call("scheduler", pre.output_tensors(),
+                               ["input_ids", "generation_params", "first_token", "block_table", "kv_pool"],
+                               decoupled=True)
+            x = {t.name(): t.as_numpy() for t in sched.output_tensors()}
+            pool = text_of(x["kv_pool"])
+            if pool not in POOL_NAMES:
+                raise ValueError(f"kv_pool must be one of {POOL_NAMES}, got {pool!r}")
+            params = GenerationParams.from_json(text_of(x["generation_params"]))
+            seq = Sequence(
+                seq_id=next(self._ids),
+                prompt_ids=x["input_ids"].reshape(-1).tolist(),
+                output_ids=[int(x["first_token"].reshape(-1)[0])],
+                block_table=x["block_table"].reshape(-1).tolist(),
+                pool=pool,
+                params=params,
+                handle=(sender, params.output, request),
+            )
+            handed_on = seq
+            self._pool(pool)  # attach the executor's pool now: decode frees the request's blocks
+            if request.is_cancelled():
+                raise RequestRejected("request cancelled")
+        except RequestRejected as e:
+            if handed_on is not None:  # blocks were reserved for it: give them back
+                self._pool(handed_on.pool).allocator.free(handed_on.block_table, handed_on.reserved_tokens)
+            self._send_error(sender, str(e))
+            return
+        except Exception as e:
+            log.exception("admission failed")
+            self._send_error(sender, f"decode: {type(e).__name__}: {e}")
+            return
+        self.service.add(seq)
+
+    def _call(self, model: str, inputs, outputs: list[str], decoupled: bool = False):
+        """One BLS request; its error becomes this request's error."""
+        request = pb_utils.InferenceRequest(model_name=model, inputs=list(inputs), requested_output_names=outputs)
+        if decoupled:  # the scheduler sends exactly one response, with the final flag
+            response = next(r for r in request.exec(decoupled=True) if r.has_error() or r.output_tensors())
+        else:
+            response = request.exec()
+        if response.has_error():
+            raise RequestRejected(response.error().message())
+        return response
+
+    @staticmethod
+    def _send_error(sender, message: str) -> None:
+        try:
+            sender.send(error_response(message), flags=FINAL)
+        except Exception:  # the client may be gone already
+            log.warning("could not deliver error %r", message)
+
     def _send(self, handle, chunk: ResponseChunk) -> None:
-        sender, options = handle
+        sender, options, _ = handle
         if chunk.error is not None:
             sender.send(error_response(chunk.error), flags=FINAL)
             return
@@ -108,6 +153,7 @@ class Role:
     def finalize(self):
         for sampler in self._samplers:
             sampler.stop()
+        self._admission.shutdown(wait=False, cancel_futures=True)
         self.service.stop()
 
 
