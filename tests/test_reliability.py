@@ -181,3 +181,30 @@ def test_killing_the_executor_mid_decode_moves_its_requests_to_decode(offload_se
         again = generate(offload_server, {"text_input": prompt, "max_tokens": 80})
         assert again["text_output"] == r["text"]
     assert wait_for(lambda: metrics(offload_server)['adrenaline_kv_blocks_used{pool="decode"}'] == 0)
+
+
+@pytest.fixture(scope="module")
+def soak_server(tmp_path_factory):
+    server = _server(tmp_path_factory, "soak", offload="auto", num_decode_blocks=256, num_executor_blocks=256,
+                     max_queued_requests=16, admission_timeout_s=10.0, max_decode_batch=32)
+    yield server
+    server.stop()
+
+
+def test_overload_at_twice_capacity_for_60s_loses_nothing(soak_server):
+    from adrenaline_py.serving.loadgen import measure_capacity, run_open_loop
+
+    url = soak_server.http_url
+    capacity = measure_capacity(url, concurrency=32, seconds=20)  # saturate the decode batch
+    assert capacity.completed > 0 and capacity.lost == 0
+    load = run_open_loop(url, rate=2 * capacity.rate, seconds=60, run_dir=soak_server.run_dir)
+    print(f"capacity {capacity.rate:.2f} req/s; overload: sent {load.sent} at {2 * capacity.rate:.2f} req/s, "
+          f"completed {load.completed}, errors {dict(load.errors)}, lost {load.lost}, "
+          f"server RSS MB {[round(x) for x in load.rss_mb]}")
+    assert load.lost == 0, load.lost_reasons
+    assert load.completed + sum(load.errors.values()) == load.sent
+    assert set(load.errors) <= {"server overloaded: 16", "KV cache full:"}, load.errors
+    assert wait_for(lambda: all(metrics(soak_server)[f'adrenaline_kv_blocks_used{{pool="{p}"}}'] == 0
+                                for p in ("decode", "executor")))
+    # Memory stays flat under sustained overload (first sample is after the capacity warm-up).
+    assert load.rss_mb[-1] < 1.15 * load.rss_mb[0], load.rss_mb

@@ -34,11 +34,18 @@ class ResponseChunk:
         return self.finish_reason is not None
 
 
+@dataclass
+class _CancelCheck:
+    is_cancelled: Callable[[Any], bool]
+    on_cancel: Callable[[int], None]
+
+
 class RequestOutput:
     """Per-request output state: text so far, what was sent, streaming or one final response."""
 
     def __init__(self, tokenizer: Tokenizer, event: TokenEvent) -> None:
         seq = event.seq
+        self.handle = seq.handle
         self.stream = seq.params.output.stream
         self.text = OutputText(tokenizer, seq.prompt_ids, seq.params.sampling.stop)
         self.num_input_tokens = len(seq.prompt_ids)
@@ -107,6 +114,15 @@ class OutputWorkers:
         for t in self._threads:
             t.join(timeout=5)
 
+    def check_cancelled(self, is_cancelled: Callable[[Any], bool], on_cancel: Callable[[int], None]) -> None:
+        """Ask each worker to poll its unfinished requests' clients.
+
+        Polling happens on the thread that sends the request's responses, so a client handle is
+        never asked after its last response was sent (asking then crashes tritonserver 2.51).
+        """
+        for q in self._queues:
+            q.put(_CancelCheck(is_cancelled, on_cancel))
+
     def submit(self, events: list[TokenEvent]) -> None:
         n = len(self._queues)
         for ev in events:
@@ -115,6 +131,14 @@ class OutputWorkers:
     def _work(self, q: queue.SimpleQueue) -> None:
         states: dict[int, RequestOutput] = {}
         while (ev := q.get()) is not None:
+            if isinstance(ev, _CancelCheck):
+                for seq_id, state in states.items():
+                    try:
+                        if not state.done and ev.is_cancelled(state.handle):
+                            ev.on_cancel(seq_id)
+                    except Exception:
+                        log.exception("cancellation check of request %d failed", seq_id)
+                continue
             seq_id = ev.seq.seq_id
             try:
                 state = states.get(seq_id)

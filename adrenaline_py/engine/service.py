@@ -46,6 +46,10 @@ class DecodeService:
         """Stop a request the client gave up on; its blocks are freed at the next step."""
         self.scheduler.abort(seq_id, "cancelled")
 
+    def check_cancelled(self, is_cancelled: Callable[[Any], bool]) -> None:
+        """Poll the clients of all unfinished requests (from their output threads)."""
+        self.outputs.check_cancelled(is_cancelled, self.cancel)
+
     def stop(self) -> None:
         self.loop.stop()
         self.outputs.stop()

@@ -69,10 +69,7 @@ class Role:
 
     def _sweep_cancelled(self) -> None:
         """Clients that went away (stream closed, gRPC cancel) free their KV within one sweep."""
-        for seq in self.service.scheduler.snapshot():
-            _, _, request = seq.handle
-            if request.is_cancelled():
-                self.service.cancel(seq.seq_id)
+        self.service.check_cancelled(lambda handle: handle[2].is_cancelled())
 
     def _pool(self, name: str) -> KVPool:
         if name not in self.pools:  # the executor pool, attached when its first request arrives
