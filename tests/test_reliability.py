@@ -203,7 +203,7 @@ def test_overload_at_twice_capacity_for_60s_loses_nothing(soak_server):
           f"server RSS MB {[round(x) for x in load.rss_mb]}")
     assert load.lost == 0, load.lost_reasons
     assert load.completed + sum(load.errors.values()) == load.sent
-    assert set(load.errors) <= {"server overloaded: 16", "KV cache full:"}, load.errors
+    assert all(e.startswith(("server overloaded", "KV cache full")) for e in load.errors), load.errors
     assert wait_for(lambda: all(metrics(soak_server)[f'adrenaline_kv_blocks_used{{pool="{p}"}}'] == 0
                                 for p in ("decode", "executor")))
     # Memory stays flat under sustained overload (first sample is after the capacity warm-up).

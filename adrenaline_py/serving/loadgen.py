@@ -61,10 +61,12 @@ def one_request(url: str, prompt: str, max_tokens: int, timeout: float) -> tuple
                     return "completed", None
         return "lost", "stream ended without a finish reason"
     except urllib.error.HTTPError as e:
+        body = e.read().decode(errors="replace").strip()
+        body = body[len("data: "):] if body.startswith("data: ") else body
         try:
-            return "error", json.loads(e.read()).get("error", str(e))
+            return "error", json.loads(body).get("error", body)
         except ValueError:
-            return "error", str(e)
+            return "error", body or str(e)
     except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
         return "lost", f"{type(e).__name__}: {e}"
 
