@@ -59,11 +59,20 @@ def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
-    from adrenaline_py.serving.launcher import ServerOptions, serve_forever
+    import os
 
+    from adrenaline_py.serving.launcher import API_KEY_ENV, ServerOptions, serve_forever
+
+    apis = tuple(x.strip() for x in a.restricted_apis.split(",") if x.strip())
+    if apis in ((), ("none",)):
+        apis = ()
+    if a.drain_timeout < 0 or a.stop_grace < 0:
+        raise ValueError("--drain-timeout and --stop-grace must be >= 0")
     options = ServerOptions(
         address=a.address, http_port=a.http_port, grpc_port=a.grpc_port, metrics_port=a.metrics_port,
         max_batch_size=a.max_batch_size, log_verbose=a.log_verbose, use_mps=not a.no_mps,
+        restricted_apis=apis, api_key=a.api_key or os.environ.get(API_KEY_ENV) or None,
+        api_key_header=a.api_key_header, drain_timeout_s=a.drain_timeout, stop_grace_s=a.stop_grace,
     )
     return serve_forever(engine_config_from_args(a), options)
 
@@ -112,6 +121,22 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--max-batch-size", type=int, default=64, help="Triton max_batch_size of the models")
     g.add_argument("--log-verbose", type=int, default=0)
     g.add_argument("--no-mps", action="store_true", help="do not start the CUDA MPS daemon (cuda only)")
+    g.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="on SIGTERM/Ctrl-C, seconds in-flight requests get to finish (tritonserver "
+                        "--exit-timeout-secs, rounded up)")
+    g.add_argument("--stop-grace", type=float, default=30.0,
+                   help="seconds tritonserver gets after the drain timeout before it and its stubs are killed")
+    g = s.add_argument_group("security")
+    g.add_argument("--restricted-apis", default="model-repository,shared-memory,logging,trace",
+                   help="comma-separated tritonserver API groups that need the API key header (health, "
+                        "metadata, inference, shared-memory, model-config, model-repository, statistics, "
+                        "trace, logging), or 'none'")
+    g.add_argument("--api-key", default=None,
+                   help="value of the API key header (at least 16 characters); default: $ADRENALINE_API_KEY, "
+                        "else a random key, printed at start-up and written to <run dir>/api_key")
+    g.add_argument("--api-key-header", default="x-adrenaline-api-key",
+                   help="HTTP header of the API key; over gRPC the metadata key is "
+                        "triton-grpc-protocol-<header>")
     s.set_defaults(func=cmd_serve)
 
     gen = sub.add_parser("generate", help="generate in-process (no server), one JSON line per prompt",

@@ -164,6 +164,7 @@ class EngineConfig:
     prefill_sm_share: int = 70         # MPS percentages on the prefill GPU
     executor_sm_share: int = 30
     run_dir: str = "/tmp/adrenaline"   # shared-memory names, sockets and logs of one server run
+    internal_token: str = ""           # secret the internal models (scheduler, prefill) require; set per run
     seed: int = 0                      # weights seed for dummy models
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -101,7 +101,7 @@ def generate(server: Server, body: dict, path: str = "generate") -> dict:
     except urllib.error.HTTPError as e:
         raw = e.read().decode()
     if path == "generate_stream":
-        return [json.loads(line[len("data: "):]) for line in raw.splitlines() if line.startswith("data: ")]
+        return [json.loads(line[len("data: "):]) for line in raw.split("\n") if line.startswith("data: ")]
     return json.loads(raw)
 
 
@@ -317,3 +317,42 @@ def test_grpc_stream_with_offload_concatenates_to_generate_text(server_always):
     assert "".join(c["text_output"] for c in chunks) == whole
     assert sum(c["num_output_tokens"] for c in chunks) == complete(server_always, prompt)["num_output_tokens"]
 
+
+
+def test_internal_models_refuse_direct_clients(server_never):
+    # prefill would write K/V into blocks the caller names; scheduler would reserve blocks forever.
+    body = {"inputs": [
+        {"name": "input_ids", "shape": [1, 3], "datatype": "INT32", "data": [1, 2, 3]},
+        {"name": "block_table", "shape": [1, 1], "datatype": "INT32", "data": [0]},
+        {"name": "kv_pool", "shape": [1, 1], "datatype": "BYTES", "data": ["decode"]},
+        {"name": "generation_params", "shape": [1, 1], "datatype": "BYTES", "data": ["{}"]},
+    ]}
+    req = urllib.request.Request(f"{server_never.http_url}/v2/models/prefill/infer", data=json.dumps(body).encode())
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(req, timeout=60)
+    assert "internal to the server" in refused.value.read().decode()
+    error = _grpc_model_error(server_never, "scheduler", [
+        ("input_ids", np.array([[1, 2, 3]], dtype=np.int32), "INT32"),
+        ("generation_params", np.array([[b"{}"]], dtype=np.object_), "BYTES"),
+    ])
+    assert "internal to the server" in error
+
+
+def _grpc_model_error(server, model: str, inputs) -> str:
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{server.options.grpc_port}")
+    results: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    try:
+        tensors = []
+        for name, value, dtype in inputs:
+            t = grpcclient.InferInput(name, list(value.shape), dtype)
+            t.set_data_from_numpy(value)
+            tensors.append(t)
+        client.async_stream_infer(model, tensors)
+        _, error = results.get(timeout=60)
+        return str(error)
+    finally:
+        client.stop_stream()
+        client.close()

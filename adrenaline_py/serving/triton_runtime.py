@@ -37,6 +37,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -49,7 +50,10 @@ __all__ = [
     "TritonRuntime",
     "TritonRuntimeError",
     "DEFAULT_PYTHON_BACKEND_CONFIG",
+    "DEFAULT_RESTRICTED_APIS",
     "PYTHON_BACKEND_FILES",
+    "TRITON_APIS",
+    "restricted_header_names",
 ]
 
 #: python-backend settings passed as ``--backend-config=python,<key>=<value>``. The shared-memory
@@ -61,6 +65,16 @@ DEFAULT_PYTHON_BACKEND_CONFIG: dict[str, str] = {
     "shm-growth-byte-size": str(16 * 1024 * 1024),
     "stub-timeout-seconds": "120",
 }
+
+#: API groups of ``--http-restricted-api`` / ``--grpc-restricted-protocol`` in tritonserver 2.51
+TRITON_APIS = ("health", "metadata", "inference", "shared-memory", "model-config", "model-repository",
+               "statistics", "trace", "logging")
+#: API groups that need the key by default: everything that changes the server or reads or writes
+#: files or memory it was not configured with. Inference, health, metadata, model configuration and
+#: statistics stay open (perf_analyzer and genai-perf read the last two).
+DEFAULT_RESTRICTED_APIS = ("model-repository", "shared-memory", "logging", "trace")
+_HEADER_KEY = re.compile(r"[a-z0-9][a-z0-9_-]*")
+_HEADER_VALUE = re.compile(r"[A-Za-z0-9._~+/-]+")
 
 #: files of the python backend that a backend directory needs (the stub is added per Python version)
 PYTHON_BACKEND_FILES = ("libtriton_python.so", "triton_python_backend_utils.py")
@@ -131,6 +145,34 @@ def _find_libpython(soname: str, libdir: str | None, base_prefix: str | None) ->
         if (Path(d) / soname).exists():
             return Path(d)
     return None
+
+
+def restricted_header_names(key: str) -> tuple[str, str]:
+    """(HTTP header, gRPC metadata key) that carry the value of restricted API key ``key``.
+
+    tritonserver 2.51 checks the HTTP header ``key`` and, over gRPC, the metadata key
+    ``triton-grpc-protocol-<key>``.
+    """
+    return key, f"triton-grpc-protocol-{key}"
+
+
+def _restriction_args(apis: Sequence[str], header: tuple[str, str] | None) -> list[str]:
+    apis = [a.strip() for a in apis if a.strip()]
+    if not apis:
+        return []
+    unknown = sorted(set(apis) - set(TRITON_APIS))
+    if unknown:
+        raise ValueError(f"unknown API group(s) {unknown}; tritonserver 2.51 knows {list(TRITON_APIS)}")
+    if header is None:
+        raise ValueError(f"restricting {apis} needs a header key and value")
+    key, value = header
+    if not _HEADER_KEY.fullmatch(key):
+        raise ValueError(f"API key header {key!r}: use lower-case letters, digits, '-' and '_' "
+                         "(gRPC metadata keys are lower case)")
+    if not _HEADER_VALUE.fullmatch(value):
+        raise ValueError("API key: use letters, digits and . _ ~ + / - only (no spaces, ':', ',' or '=')")
+    spec = f"{','.join(dict.fromkeys(apis))}:{key}={value}"
+    return [f"--http-restricted-api={spec}", f"--grpc-restricted-protocol={spec}"]
 
 
 def _join_paths(*parts: str | os.PathLike[str] | None) -> str:
@@ -324,12 +366,22 @@ class TritonRuntime:
         extra_args: Sequence[str] = (),
         python_backend_config: Mapping[str, str | int] | None = None,
         log_verbose: int = 0,
+        exit_timeout_s: int = 15,
+        restricted_apis: Sequence[str] = (),
+        restricted_header: tuple[str, str] | None = None,
     ) -> list[str]:
         """Command line for ``tritonserver`` serving ``model_repository``.
 
         HTTP, gRPC and metrics bind to ``address`` (``--http-address``/``--grpc-address``/
         ``--metrics-address``, all present in 2.51). ``metrics_port=None`` disables metrics.
         ``python_backend_config`` overrides/extends :data:`DEFAULT_PYTHON_BACKEND_CONFIG`.
+        ``exit_timeout_s`` is ``--exit-timeout-secs``: on SIGTERM tritonserver closes its listening
+        sockets, then waits up to that long, in all, for open HTTP connections, in-flight
+        inferences and the unloading of the models before it exits anyway.
+        ``restricted_apis`` (names from :data:`TRITON_APIS`) answer only requests that carry the
+        header ``restricted_header = (key, value)`` (``--http-restricted-api`` and
+        ``--grpc-restricted-protocol``; see :func:`restricted_header_names`).
+        Model control mode is always ``none``: no model can be loaded or unloaded through the API.
         ``extra_args`` come last, so they win over the defaults here.
         """
         cmd = [
@@ -346,9 +398,11 @@ class TritonRuntime:
             "--allow-vertex-ai=false",
             "--exit-on-error=true",
             "--strict-readiness=true",
-            "--exit-timeout-secs=15",
+            "--model-control-mode=none",
+            f"--exit-timeout-secs={int(exit_timeout_s)}",
             f"--log-verbose={int(log_verbose)}",
         ]
+        cmd += _restriction_args(restricted_apis, restricted_header)
         if metrics_port is None:
             cmd.append("--allow-metrics=false")
         else:

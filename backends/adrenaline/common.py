@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 
@@ -59,3 +60,17 @@ def bytes_tensor(name: str, text: str | bytes) -> pb_utils.Tensor:
 def text_of(array: np.ndarray) -> str:
     value = array.reshape(-1)[0]
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def check_internal(x: dict, engine: EngineConfig, model: str) -> None:
+    """Internal models serve only the other roles: a client calling them directly could reserve KV
+    blocks forever (scheduler) or write into other requests' blocks (prefill)."""
+    if not engine.internal_token:
+        return
+    given = text_of(x["internal_token"]) if "internal_token" in x else ""
+    if not hmac.compare_digest(given, engine.internal_token):
+        raise PermissionError(f"'{model}' is internal to the server: send requests to the 'ensemble' model")
+
+
+def internal_token_tensor(engine: EngineConfig) -> pb_utils.Tensor:
+    return pb_utils.Tensor("internal_token", np.array([[engine.internal_token.encode()]], dtype=np.object_))

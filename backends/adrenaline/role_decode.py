@@ -27,6 +27,7 @@ from common import (
     dtype_for,
     engine_config,
     error_response,
+    internal_token_tensor,
     log,
     setup_process,
     tensor,
@@ -85,7 +86,7 @@ class Role:
         handed_on = None
         try:
             pre = self._call("preprocessing", request.inputs(), ["input_ids", "generation_params"])
-            sched = self._call("scheduler", pre.output_tensors(),
+            sched = self._call("scheduler", [*pre.output_tensors(), internal_token_tensor(self.engine)],
                                ["input_ids", "generation_params", "first_token", "block_table", "kv_pool"],
                                decoupled=True)
             x = {t.name(): t.as_numpy() for t in sched.output_tensors()}

@@ -18,6 +18,7 @@ import os
 import numpy as np
 import triton_python_backend_utils as pb_utils
 from common import (
+    check_internal,
     device_for,
     dtype_for,
     engine_config,
@@ -62,6 +63,7 @@ class Role:
         for i, request in enumerate(requests):
             try:
                 x = inputs_of(request)
+                check_internal(x, self.engine, "prefill")
                 pool = text_of(x["kv_pool"])
                 if pool not in POOL_NAMES:
                     raise ValueError(f"kv_pool must be one of {POOL_NAMES}, got {pool!r}")
@@ -69,6 +71,8 @@ class Role:
                 items.append(PrefillItem(x["input_ids"].reshape(-1).tolist(), pool,
                                          x["block_table"].reshape(-1).tolist(), params.sampling))
                 index.append(i)
+            except PermissionError as e:
+                responses[i] = error_response(str(e))
             except Exception as e:
                 responses[i] = error_response(f"prefill: bad request: {e}")
         if items:

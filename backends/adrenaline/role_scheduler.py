@@ -19,7 +19,18 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from common import bytes_tensor, engine_config, error_response, inputs_of, log, setup_process, tensor, text_of
+from common import (
+    bytes_tensor,
+    check_internal,
+    engine_config,
+    error_response,
+    inputs_of,
+    internal_token_tensor,
+    log,
+    setup_process,
+    tensor,
+    text_of,
+)
 from metrics import Sampler, family
 
 from adrenaline_py.engine.admission import Admission, AdmissionTimeout, Overloaded, RequestCancelled
@@ -77,6 +88,7 @@ class Role:
         ticket = None
         try:
             x = inputs_of(request)
+            check_internal(x, self.engine, "scheduler")
             input_ids = x["input_ids"].reshape(-1).astype(np.int32)
             params_json = text_of(x["generation_params"])
             params = GenerationParams.from_json(params_json)
@@ -93,7 +105,7 @@ class Role:
                 bytes_tensor("kv_pool", ticket.pool),
             ]), flags=FINAL)
             ticket = None  # decode owns the blocks now
-        except (InvalidRequest, AdmissionTimeout, Overloaded, RequestCancelled) as e:
+        except (InvalidRequest, AdmissionTimeout, Overloaded, RequestCancelled, PermissionError) as e:
             sender.send(error_response(str(e)), flags=FINAL)
         except Exception as e:
             log.exception("scheduling failed")
@@ -121,6 +133,7 @@ class Role:
                 pb_utils.Tensor("block_table", np.asarray(ticket.block_table, dtype=np.int32)[None, :]),
                 pb_utils.Tensor("kv_pool", np.array([[ticket.pool.encode()]], dtype=np.object_)),
                 pb_utils.Tensor("generation_params", np.array([[params_json.encode()]], dtype=np.object_)),
+                internal_token_tensor(self.engine),
             ],
         ).exec()
         if response.has_error():
