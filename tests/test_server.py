@@ -244,23 +244,7 @@ def test_bad_json_input_gets_its_error(server_never, body, message):
 
 
 def _grpc_infer_error(server, inputs) -> str:
-    import tritonclient.grpc as grpcclient
-
-    client = grpcclient.InferenceServerClient(f"127.0.0.1:{server.options.grpc_port}")
-    results: queue.Queue = queue.Queue()
-    client.start_stream(callback=lambda result, error: results.put((result, error)))
-    try:
-        tensors = []
-        for name, value, dtype in inputs:
-            t = grpcclient.InferInput(name, list(value.shape), dtype)
-            t.set_data_from_numpy(value)
-            tensors.append(t)
-        client.async_stream_infer("ensemble", tensors)
-        result, error = results.get(timeout=120)
-        return str(error) if error is not None else ""
-    finally:
-        client.stop_stream()
-        client.close()
+    return _grpc_model_error(server, "ensemble", inputs)
 
 
 def test_wrong_dtype_shape_and_bytes_get_their_errors(server_never):
@@ -351,8 +335,8 @@ def _grpc_model_error(server, model: str, inputs) -> str:
             t.set_data_from_numpy(value)
             tensors.append(t)
         client.async_stream_infer(model, tensors)
-        _, error = results.get(timeout=60)
-        return str(error)
+        _, error = results.get(timeout=120)
+        return str(error) if error is not None else ""
     finally:
         client.stop_stream()
         client.close()
