@@ -1,4 +1,4 @@
-"""The `adrenaline` command: `serve` (tritonserver) and `generate` (in-process, no server)."""
+"""The `adrenaline` command: `serve` (tritonserver), `generate` (in-process, no server), `bench engine`."""
 
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-queued-requests", type=int, default=d.max_queued_requests,
                    help="requests that may wait for KV room at once; beyond it new ones are rejected at once")
     g.add_argument("--seed", type=int, default=d.seed, help="seed of dummy weights")
+    g.add_argument("--no-cuda-graphs", action="store_true", help="run every decode step eagerly (cuda only)")
 
 
 def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
@@ -55,6 +56,7 @@ def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
         num_executor_blocks=a.num_executor_blocks, max_decode_batch=a.max_decode_batch,
         max_prefill_tokens=a.max_prefill_tokens, num_sender_threads=a.num_sender_threads,
         admission_timeout_s=a.admission_timeout, max_queued_requests=a.max_queued_requests, seed=a.seed,
+        cuda_graphs=not a.no_cuda_graphs,
     )
 
 
@@ -150,6 +152,14 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed-sampling", type=int, default=None, help="sampling seed")
     gen.set_defaults(func=cmd_generate)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    be = bench.add_parser("engine", help="decode attention and decode step next to the bandwidth roofline (GPU)",
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from adrenaline_py import bench as bench_mod
+
+    bench_mod.add_arguments(be)
+    be.set_defaults(func=bench_mod.main)
 
     a = parser.parse_args(argv)
     try:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from adrenaline_py.config import ModelConfig
-from adrenaline_py.models.llama import LlamaForCausalLM
+from adrenaline_py.models.llama import LlamaForCausalLM, stack_hf_projections
 from adrenaline_py.tokenizer import Tokenizer
 
 
@@ -72,7 +72,7 @@ def build_model(
 
         init_dummy_weights(model, seed)
     else:
-        state = dict(ckpt.state_dict)
+        state = stack_hf_projections(ckpt.state_dict)
         if ckpt.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
         missing, unexpected = model.load_state_dict(state, strict=False, assign=False)

@@ -43,12 +43,16 @@ def _banned_tokens(row: SamplingRow) -> list[int]:
 
 
 def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[int]:
-    """logits: [B, V] float32 for the rows' next tokens → one token id per row."""
-    logits = logits.float().clone()  # banning writes -inf: never into the caller's tensor
-    for i, row in enumerate(rows):
-        banned = _banned_tokens(row)
-        if banned:
-            logits[i, banned] = float("-inf")
+    """logits: [B, V] (any float dtype) for the rows' next tokens → one token id per row.
+
+    Greedy rows take the argmax in the logits' own dtype (exact: widening to fp32 changes no order),
+    so a greedy batch costs one pass over the logits; sampled rows are widened to fp32 one by one.
+    """
+    banned = {i: b for i, row in enumerate(rows) if (b := _banned_tokens(row))}
+    if banned:
+        logits = logits.clone()  # banning writes -inf: never into the caller's tensor
+        for i, b in banned.items():
+            logits[i, b] = float("-inf")
     greedy = logits.argmax(dim=-1).tolist()
     out = []
     for i, row in enumerate(rows):
@@ -56,7 +60,7 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[int]:
         if p.is_greedy:
             out.append(greedy[i])
             continue
-        out.append(_sample_row(logits[i], p, len(row.output_ids)))
+        out.append(_sample_row(logits[i].float(), p, len(row.output_ids)))
     return out
 
 

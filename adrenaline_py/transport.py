@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from adrenaline_py.config import EngineConfig, ModelConfig
+from adrenaline_py.kv_cache import pool_device
 from adrenaline_py.shm import attach_shared_tensor, create_shared_tensor
 
 _STEP, _LAYER, _OUT, _ERROR = b"S", b"L", b"O", b"E"
@@ -62,7 +63,10 @@ class OffloadBuffers:
     @classmethod
     def create(cls, model: ModelConfig, engine: EngineConfig, dtype: torch.dtype) -> OffloadBuffers:
         shapes = cls._shapes(model, engine.max_decode_batch)
-        return cls(**{n: create_shared_tensor(engine.run_dir, f"offload.{n}", s, dtype) for n, s in shapes.items()})
+        # On GPUs the buffers live with the executor (GPU P): it reads q/k/v and writes out there.
+        device = pool_device("executor", engine)
+        return cls(**{n: create_shared_tensor(engine.run_dir, f"offload.{n}", s, dtype, device)
+                      for n, s in shapes.items()})
 
     @classmethod
     def attach(cls, model: ModelConfig, engine: EngineConfig, dtype: torch.dtype) -> OffloadBuffers:
@@ -143,6 +147,7 @@ class OffloadClient:
         b.q[layer, :n].copy_(q)
         b.k[layer, :n].copy_(k)
         b.v[layer, :n].copy_(v)
+        _wait_for_device(b.q)  # the executor reads these as soon as the doorbell rings
         try:
             self._sock.sendall(_LAYER + _INT.pack(layer))
         except OSError as e:
@@ -163,6 +168,12 @@ class OffloadClient:
             self.close()
             raise ExecutorGone(f"offload protocol out of step: got {kind!r}{value}, expected OUT{layer}")
         return self._buffers.out[layer, : self._num_rows]
+
+
+def _wait_for_device(t: torch.Tensor) -> None:
+    """Make device writes visible to the other process before a doorbell (a no-op on CPU)."""
+    if t.is_cuda:
+        torch.cuda.synchronize(t.device)
 
 
 class OffloadServer:
@@ -195,8 +206,8 @@ class OffloadServer:
             return kind, value
         raise ConnectionError(f"unexpected frame {kind!r}")
 
-    @staticmethod
-    def send_out(conn: socket.socket, layer: int) -> None:
+    def send_out(self, conn: socket.socket, layer: int) -> None:
+        _wait_for_device(self._buffers.out)
         conn.sendall(_OUT + _INT.pack(layer))
 
     @staticmethod

@@ -37,5 +37,5 @@ class OffloadAttentionBackend(AttentionBackend):
         if m:
             parts.append(self.local.forward(layer, q[:m], k[:m], v[:m], meta.local))
         if meta.num_remote:
-            parts.append(self.remote.recv_layer(layer).to(q.dtype))
+            parts.append(self.remote.recv_layer(layer).to(device=q.device, dtype=q.dtype))
         return parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -199,6 +199,40 @@ if triton is not None:
         tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
 
 
+if triton is not None:
+
+    @triton.jit
+    def _store_kv_kernel(
+        k_ptr, v_ptr, slots_ptr, k_cache_ptr, v_cache_ptr, stride_kt, stride_vt, stride_cache_slot,
+        ROW: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        t = tl.program_id(0).to(tl.int64)
+        slot = tl.load(slots_ptr + t).to(tl.int64)
+        if slot < 0:  # a padding row of a CUDA-graph batch: it owns no slot
+            return
+        offs = tl.arange(0, BLOCK)
+        mask = offs < ROW
+        tl.store(k_cache_ptr + slot * stride_cache_slot + offs, tl.load(k_ptr + t * stride_kt + offs, mask=mask),
+                 mask=mask)
+        tl.store(v_cache_ptr + slot * stride_cache_slot + offs, tl.load(v_ptr + t * stride_vt + offs, mask=mask),
+                 mask=mask)
+
+
+def store_kv_triton(kv: torch.Tensor, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """`store_kv` in one kernel for k and v; rows whose slot is negative are skipped (graph padding)."""
+    _, _, num_blocks, page, hkv, d = kv.shape
+    if k.shape[0] == 0:
+        return
+    if k.stride(1) != d or k.stride(2) != 1 or v.stride(1) != d or v.stride(2) != 1 or k.dtype != kv.dtype:
+        raise ValueError("store_kv_triton needs rows of [Hkv, D] contiguous and in the cache dtype")
+    k_cache, v_cache = kv[layer, 0], kv[layer, 1]
+    row = hkv * d
+    _store_kv_kernel[(k.shape[0],)](
+        k, v, slots, k_cache, v_cache, k.stride(0), v.stride(0), k_cache.stride(1),
+        ROW=row, BLOCK=_next_pow2(row), num_warps=4,
+    )
+
+
 @dataclass(frozen=True)
 class DecodeKernelConfig:
     partition: int   # tokens per program; multiple of block_n
@@ -330,7 +364,10 @@ class TritonAttentionBackend(AttentionBackend):
     ) -> torch.Tensor:
         if q.shape[0] == 0:
             return torch.empty_like(q)
-        store_kv(meta.kv, layer, meta.slots, k, v)
+        if q.is_cuda:
+            store_kv_triton(meta.kv, layer, meta.slots, k, v)
+        else:  # Triton's CPU interpreter (debugging)
+            store_kv(meta.kv, layer, meta.slots, k, v)
         return paged_decode_attention_triton(
             q, meta.kv[layer, 0], meta.kv[layer, 1], meta.block_tables, meta.seq_lens, meta.max_seq_len,
             self.scale, self.config,

@@ -22,6 +22,8 @@ import torch
 
 from adrenaline_py.attention import AttentionBackend, DecodeMetadata, build_decode_metadata
 from adrenaline_py.attention.offload import OffloadAttentionBackend, OffloadDecodeMetadata
+from adrenaline_py.attention.triton_decode import TritonAttentionBackend
+from adrenaline_py.engine.cuda_graphs import DecodeGraphs
 from adrenaline_py.engine.prefill import PrefillItem, PrefillRunner
 from adrenaline_py.kv_cache import KVPool, blocks_needed
 from adrenaline_py.models.llama import LlamaForCausalLM
@@ -208,16 +210,29 @@ class DecodeRunner:
         local_backend: AttentionBackend,
         decode_pool: KVPool,
         offload_client: OffloadClient,
+        cuda_graphs: bool = False,
+        max_model_len: int = 0,
+        max_batch: int = 0,
     ) -> None:
         self.model = model
         self.pool = decode_pool
         self.offload_client = offload_client
         self.backend = OffloadAttentionBackend(local_backend, offload_client)
         self.device = model.lm_head.weight.device
+        self.graphs: DecodeGraphs | None = None
+        if cuda_graphs and self.device.type == "cuda" and isinstance(local_backend, TritonAttentionBackend):
+            self.graphs = DecodeGraphs(model, local_backend, decode_pool.kv, max_batch, max_model_len)
 
     def run(self, plan: DecodePlan) -> list[int]:
         seqs = plan.seqs
         dev = self.device
+        if self.graphs is not None and not plan.offloaded:
+            hidden = self.graphs.run([s.seq_id for s in seqs], [s.output_ids[-1] for s in seqs],
+                                     [s.num_tokens - 1 for s in seqs],
+                                     [s.block_table for s in seqs], [s.num_tokens for s in seqs])
+            if hidden is not None:
+                logits = self.model.compute_logits(hidden)
+                return sample(logits, [SamplingRow(s.params.sampling, s.output_ids) for s in seqs])
         input_ids = torch.tensor([s.output_ids[-1] for s in seqs], dtype=torch.long, device=dev)
         positions = torch.tensor([s.num_tokens - 1 for s in seqs], dtype=torch.long, device=dev)
         local_meta = self._local_metadata(plan.local) if plan.local else None

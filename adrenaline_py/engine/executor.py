@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from adrenaline_py.attention import DecodeMetadata, TorchAttentionBackend, build_decode_metadata
+from adrenaline_py.attention import DecodeMetadata, build_decode_metadata, make_attention_backend
 from adrenaline_py.config import EngineConfig, ModelConfig
 from adrenaline_py.kv_cache import KVPool
 from adrenaline_py.transport import LAYER_FRAME, OffloadBuffers, OffloadServer, OffloadStep
@@ -27,7 +27,7 @@ class AttentionExecutor:
         self.device = device
         self.pool = KVPool.create("executor", model, engine, dtype)
         self.buffers = OffloadBuffers.create(model, engine, dtype)
-        self.backend = TorchAttentionBackend()
+        self.backend = make_attention_backend(device)
         self.block_tables: dict[int, list[int]] = {}
         self.num_steps = 0
         self._server = OffloadServer(engine, self.buffers)
@@ -84,7 +84,7 @@ class AttentionExecutor:
         b = self.buffers
         out = self.backend.decode(layer, b.q[layer, :n], b.k[layer, :n], b.v[layer, :n], meta)
         b.out[layer, :n].copy_(out)
-        OffloadServer.send_out(conn, layer)
+        self._server.send_out(conn, layer)
 
 
 def executor_alive(run_dir: str) -> bool:

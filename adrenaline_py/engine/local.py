@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from adrenaline_py.attention import TorchAttentionBackend
+from adrenaline_py.attention import make_attention_backend
 from adrenaline_py.config import EngineConfig
 from adrenaline_py.engine.admission import Admission
 from adrenaline_py.engine.decode import Sequence
@@ -53,7 +53,7 @@ class LocalEngine:
             "decode": KVPool.create("decode", ckpt.config, engine, dtype),
             "executor": self.executor.pool,
         }
-        backend = TorchAttentionBackend()
+        backend = make_attention_backend(device)
         self.prefill = PrefillRunner(model, backend, self.pools, engine.max_prefill_tokens)
         policy = OffloadPolicy(engine.offload, engine.offload_bound)
         self.admission = Admission(lambda n: self.pools[n].allocator, policy, engine.block_size,

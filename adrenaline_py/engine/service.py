@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from adrenaline_py.attention import TorchAttentionBackend
+from adrenaline_py.attention import make_attention_backend
 from adrenaline_py.config import EngineConfig
 from adrenaline_py.engine.decode import DecodeEngine, DecodeRunner, DecodeScheduler, Sequence
 from adrenaline_py.engine.output import OutputWorkers, ResponseChunk
@@ -32,7 +32,12 @@ class DecodeService:
     ) -> None:
         self.client = OffloadClient(model.config, engine, dtype)
         self.scheduler = scheduler = DecodeScheduler(pools, engine.max_decode_batch)
-        runner = DecodeRunner(model, TorchAttentionBackend(), pools("decode"), self.client)
+        device = model.lm_head.weight.device
+        runner = DecodeRunner(model, make_attention_backend(device), pools("decode"), self.client,
+                              cuda_graphs=engine.cuda_graphs, max_model_len=engine.max_model_len,
+                              max_batch=engine.max_decode_batch)
+        if runner.graphs is not None:
+            runner.graphs.capture()
         self.outputs = OutputWorkers(tokenizer, send, lambda seq_id: scheduler.abort(seq_id, "stop"),
                                      engine.num_sender_threads)
         self.loop = DecodeEngine(scheduler, runner, self.outputs.submit)

@@ -1,0 +1,197 @@
+"""The GPU decode path against references: fused ops vs float64, CUDA-graph decode vs transformers,
+the whole engine on a GPU (CUDA IPC pools, offloading), and cross-process CUDA IPC (GPU only)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import greedy, small_engine_config
+
+from adrenaline_py.attention import TritonAttentionBackend, triton_available
+from adrenaline_py.attention.triton_decode import store_kv_triton
+from adrenaline_py.config import NAMED_SHAPES
+from adrenaline_py.engine.cuda_graphs import DecodeGraphs
+from adrenaline_py.engine.prefill import PrefillItem, PrefillRunner
+from adrenaline_py.kv_cache import KVPool
+from adrenaline_py.loader import Checkpoint, build_model
+from adrenaline_py.models import ops
+from adrenaline_py.request import SamplingParams
+from adrenaline_py.weights.dummy import byte_tokenizer
+
+needs_gpu = pytest.mark.skipif(
+    not torch.cuda.is_available() or not triton_available(),
+    reason="GPU decode path: needs a CUDA GPU and the triton package",
+)
+pytestmark = [pytest.mark.gpu, needs_gpu]
+DEVICE = "cuda"
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hidden", [576, 4096, 5120])
+def test_fused_add_rms_norm_matches_float64(dtype, hidden):
+    g = torch.Generator(device=DEVICE).manual_seed(hidden)
+    x = torch.randn(37, hidden, generator=g, device=DEVICE).to(dtype)
+    res = torch.randn(37, hidden, generator=g, device=DEVICE).to(dtype)
+    w = (1 + 0.1 * torch.randn(hidden, generator=g, device=DEVICE)).to(dtype)
+    s = x.double() + res.double()
+    ref = w.double() * s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-5)
+    out, new_res = ops.rms_norm(x, w, 1e-5, res.clone())
+    assert rel_err(out, ref) < TOL[dtype]
+    assert rel_err(new_res, s) < TOL[dtype] / 2
+    plain, none = ops.rms_norm(x, w, 1e-5)
+    xd = x.double()
+    plain_ref = w.double() * xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5)
+    assert none is None and rel_err(plain, plain_ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hq,hkv,d", [(32, 8, 128), (9, 3, 64), (40, 40, 128)])
+def test_rope_in_place_matches_float64(dtype, hq, hkv, d):
+    g = torch.Generator(device=DEVICE).manual_seed(d + hq)
+    T, P = 53, 4096
+    qkv = torch.randn(T, (hq + 2 * hkv) * d, generator=g, device=DEVICE).to(dtype)
+    v_before = qkv[:, (hq + hkv) * d:].clone()
+    q, k, _ = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+    q, k = q.view(T, hq, d), k.view(T, hkv, d)
+    pos = torch.randint(0, P, (T,), generator=g, device=DEVICE)
+    inv = 1.0 / (500000.0 ** (torch.arange(0, d, 2, dtype=torch.float64, device=DEVICE) / d))
+    ang = torch.outer(torch.arange(P, dtype=torch.float64, device=DEVICE), inv)
+    emb = torch.cat([ang, ang], -1)
+
+    def ref(x):
+        x = x.double()
+        rot = torch.cat([-x[..., d // 2:], x[..., : d // 2]], -1)
+        return x * emb.cos()[pos][:, None] + rot * emb.sin()[pos][:, None]
+
+    q_ref, k_ref = ref(q), ref(k)
+    ops.apply_rope_(q, k, pos, emb.cos().float(), emb.sin().float())
+    assert rel_err(q, q_ref) < TOL[dtype] and rel_err(k, k_ref) < TOL[dtype]
+    assert torch.equal(qkv[:, (hq + hkv) * d:], v_before)  # v untouched
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_silu_and_mul_matches_float64(dtype):
+    g = torch.Generator(device=DEVICE).manual_seed(7)
+    gu = (2 * torch.randn(29, 2 * 14336, generator=g, device=DEVICE)).to(dtype)
+    gate, up = gu.double().chunk(2, -1)
+    assert rel_err(ops.silu_and_mul(gu), gate * torch.sigmoid(gate) * up) < TOL[dtype]
+
+
+def test_store_kv_writes_its_slots_and_skips_padding_rows():
+    g = torch.Generator(device=DEVICE).manual_seed(3)
+    kv = torch.randn(2, 2, 8, 16, 8, 128, generator=g, device=DEVICE).to(torch.bfloat16)
+    before = kv.clone()
+    k = torch.randn(4, 8, 128, generator=g, device=DEVICE).to(torch.bfloat16)
+    v = torch.randn(4, 8, 128, generator=g, device=DEVICE).to(torch.bfloat16)
+    slots = torch.tensor([17, -1, 100, 3], device=DEVICE)
+    store_kv_triton(kv, 1, slots, k, v)
+    flat = kv[1].view(2, -1, 8, 128)
+    for row, slot in ((0, 17), (2, 100), (3, 3)):
+        assert torch.equal(flat[0, slot], k[row]) and torch.equal(flat[1, slot], v[row])
+    untouched = torch.ones(flat.shape[1], dtype=torch.bool, device=DEVICE)
+    untouched[[17, 100, 3]] = False
+    assert torch.equal(flat[:, untouched], before[1].view(2, -1, 8, 128)[:, untouched])
+    assert torch.equal(kv[0], before[0])
+
+
+def _tiny(dtype: torch.dtype, **overrides):
+    transformers = pytest.importorskip("transformers")
+    cfg = dataclasses.replace(NAMED_SHAPES["tiny"], head_dim=64, hidden_size=256, num_attention_heads=4,
+                              num_key_value_heads=2, intermediate_size=512, num_hidden_layers=3, **overrides)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg.to_hf_dict())).eval()
+    state = {k: v.detach().clone() for k, v in hf.state_dict().items()}
+    return hf, Checkpoint("tiny", cfg, byte_tokenizer(cfg), state)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_graph_decode_logits_match_transformers(dtype, tmp_path):
+    """Prefill ragged prompts, then teacher-forced decode steps replayed from CUDA graphs (5 rows in
+    a bucket of 8: three padding rows); every step's logits against transformers in float64."""
+    hf, ckpt = _tiny(dtype)
+    engine = small_engine_config(run_dir=str(tmp_path), device="cuda", max_model_len=1024, num_decode_blocks=128)
+    model = build_model(ckpt, dtype, torch.device(DEVICE), engine.max_model_len)
+    pool = KVPool.create("decode", ckpt.config, engine, dtype)
+    pool.kv.normal_()  # slots nobody owns hold garbage, as in a reused pool
+    backend = TritonAttentionBackend()
+    g = torch.Generator().manual_seed(5)
+    lens, steps = [1, 17, 100, 255, 600], 6
+    seqs = [torch.randint(3, ckpt.config.vocab_size, (n + steps,), generator=g).tolist() for n in lens]
+    tables = [pool.allocator.allocate(-(-len(s) // 16), len(s)) for s in seqs]
+    owned = torch.zeros(pool.kv.shape[2], dtype=torch.bool)
+    owned[[b for t in tables for b in t]] = True
+    spare_before = pool.kv[:, :, ~owned.to(DEVICE)].clone()
+    PrefillRunner(model, backend, {"decode": pool}, 4096).run(
+        [PrefillItem(s[:n], "decode", t, SamplingParams(max_tokens=1)) for s, n, t in zip(seqs, lens, tables)])
+    graphs = DecodeGraphs(model, backend, pool.kv, max_batch=16, max_model_len=engine.max_model_len)
+    hf64 = hf.double().to(DEVICE)
+    with torch.no_grad():
+        ref_logits = [hf64(torch.tensor([s], device=DEVICE)).logits[0] for s in seqs]
+    for step in range(steps):
+        pos = [n + step for n in lens]
+        hidden = graphs.run(list(range(len(seqs))), [s[p] for s, p in zip(seqs, pos)], pos, tables,
+                            [p + 1 for p in pos])
+        assert hidden is not None and hidden.shape[0] == len(seqs)
+        logits = model.compute_logits(hidden)
+        ref = torch.stack([r[p] for r, p in zip(ref_logits, pos)])
+        assert rel_err(logits, ref) < 3 * TOL[dtype], f"step {step}"
+    assert graphs.num_graphs == 1  # one (bucket 8, context 1024) graph served every step
+    assert torch.equal(pool.kv[:, :, ~owned.to(DEVICE)], spare_before)  # padding rows wrote nothing
+
+
+@pytest.mark.parametrize("offload", ["never", "always"])
+def test_local_engine_on_gpu_offloaded_and_local_agree(offload, tmp_path):
+    """The whole engine on the GPU (pools and offload buffers in CUDA IPC memory, graphs on): float32,
+    greedy, against transformers on the same weights."""
+    from adrenaline_py.engine.local import LocalEngine
+
+    hf, ckpt = _tiny(torch.float32)
+    g = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(3, ckpt.config.vocab_size, (n,), generator=g).tolist() for n in (3, 40, 129)]
+    n_new = 12
+    hf = hf.to(DEVICE)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    expected = [hf.generate(torch.tensor([p], device=DEVICE), max_new_tokens=n_new, min_new_tokens=n_new,
+                            do_sample=False, pad_token_id=0, eos_token_id=None)[0, len(p):].tolist() for p in prompts]
+    cfg = small_engine_config(device="cuda", offload=offload, run_dir=str(tmp_path))
+    with LocalEngine(ckpt, cfg, dtype=torch.float32) as engine:
+        got = engine.generate(prompts, [greedy(n_new) for _ in prompts])
+    assert all(c.offloaded == (offload == "always") for c in got)
+    # tf32 dots in the attention kernel: demand the first tokens exactly and most of the rest.
+    for c, e in zip(got, expected):
+        assert c.output_ids[:4] == e[:4]
+        assert sum(a == b for a, b in zip(c.output_ids, e)) >= n_new - 4
+
+
+def test_cuda_ipc_tensor_is_shared_across_processes(tmp_path):
+    from adrenaline_py.shm import create_shared_tensor
+
+    t = create_shared_tensor(tmp_path, "ipc", (4, 1024), torch.bfloat16, DEVICE)
+    t.fill_(1)
+    torch.cuda.synchronize()
+    child = textwrap.dedent(f"""
+        import torch
+        from adrenaline_py.shm import attach_shared_tensor
+        t = attach_shared_tensor({str(tmp_path)!r}, "ipc", (4, 1024), torch.bfloat16)
+        assert t.is_cuda and float(t.sum()) == 4096.0, float(t.sum())
+        t[1] += 2
+        torch.cuda.synchronize()
+    """)
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    subprocess.run([sys.executable, "-c", child], check=True, timeout=120, env=env)
+    assert t[1].eq(3).all() and t[0].eq(1).all()
