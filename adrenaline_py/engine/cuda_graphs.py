@@ -159,10 +159,7 @@ class DecodeGraphs:
             return None
         graph, hidden = self._graph(key)
         h = self._host_inputs
-        h[0, :n] = torch.as_tensor(input_ids)
-        h[1, :n] = torch.as_tensor(positions)
-        h[2, :n] = torch.as_tensor(seq_lens)
-        h[3, :n] = torch.as_tensor(self._table_rows(keys, block_tables))
+        h[:, :n] = torch.tensor([input_ids, positions, seq_lens, self._table_rows(keys, block_tables)])
         h[:3, n:key[0]] = 0
         h[2, n:key[0]] = 1
         h[3, n:key[0]] = self._pad_row
