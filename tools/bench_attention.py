@@ -106,6 +106,7 @@ SWEEP_SHAPES = [  # (model, batch, ctx)
     ("llama-3.1-8b", 16, 1024), ("llama-3.1-8b", 64, 1024), ("llama-3.1-8b", 256, 1024),
     ("llama-3.1-8b", 64, 2048), ("llama-3.1-8b", 64, 4096), ("llama-3.1-8b", 256, 4096),
     ("llama-2-7b", 16, 2048), ("llama-2-7b", 64, 1024), ("llama-2-7b", 64, 4096),
+    ("llama-3.1-8b", 1, 1024), ("llama-3.1-8b", 1, 4096), ("llama-3.1-8b", 4, 4096), ("llama-3.1-8b", 16, 4096),
 ]
 
 
@@ -119,12 +120,14 @@ def sweep_configs(group: int) -> list[DecodeKernelConfig]:
     return out
 
 
-def run_sweep(copy_gbs: float, lines: list[str]) -> None:
+def run_sweep(copy_gbs: float, lines: list[str], max_batch: int = 0) -> None:
     gen = torch.Generator(device=DEVICE).manual_seed(1)
     lines += ["", "## Sweep (GB/s; top 5 per shape)", ""]
     for model in dict.fromkeys(m for m, _, _ in SWEEP_SHAPES):
         hq, hkv, d = MODELS[model]
-        shapes = [(b, c) for m, b, c in SWEEP_SHAPES if m == model]
+        shapes = [(b, c) for m, b, c in SWEEP_SHAPES if m == model and (not max_batch or b <= max_batch)]
+        if not shapes:
+            continue
         pool = Pool(hkv, d, max(b * math.ceil(c / PAGE) for b, c in shapes) + 1)
         for batch, ctx in shapes:
             nbytes = shape_bytes(batch, ctx, hq, hkv, d)
@@ -153,6 +156,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true", help="sweep launch configurations on a few shapes first")
     ap.add_argument("--no-table", action="store_true", help="skip the main table")
+    ap.add_argument("--sweep-max-batch", type=int, default=0, help="sweep only shapes with batch <= this")
     args = ap.parse_args()
 
     props = torch.cuda.get_device_properties(0) if DEVICE == "cuda" else None
@@ -171,7 +175,7 @@ def main() -> None:
     ]
     print("\n".join(lines), flush=True)
     if args.sweep:
-        run_sweep(copy_gbs, lines)
+        run_sweep(copy_gbs, lines, args.sweep_max_batch)
 
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     if not args.no_table:

@@ -45,7 +45,7 @@ def context_buckets(max_model_len: int) -> list[int]:
 class DecodeGraphs:
     """Captured decode forward passes over the decode pool; `run` replays the right one.
 
-    Per step the host sends one [4, B] int64 array (token, position, context length, table row):
+    Per step the host sends one [B, 4] int64 array (token, position, context length, table row):
     block tables live on the device, one row per running sequence, uploaded once when the sequence
     first appears (and again if its table changes), and the graph gathers them itself.
     """
@@ -66,13 +66,15 @@ class DecodeGraphs:
         self.max_blocks = -(-max_model_len // self.block_size)
         b = self.batch_buckets[-1]
         self._pad_row = b  # the table row of padding rows (all zeros; their slot is forced to -1)
-        self.inputs = torch.zeros(4, b, dtype=torch.long, device=dev)
-        self._host_inputs = torch.zeros(4, b, dtype=torch.long, pin_memory=True)
+        # Row-major [B, 4]: the first n rows are one contiguous block, one small pinned copy per step.
+        self.inputs = torch.zeros(b, 4, dtype=torch.long, device=dev)
+        self._host_inputs = torch.zeros(b, 4, dtype=torch.long, pin_memory=True)
         self.table_store = torch.zeros(b + 1, self.max_blocks, dtype=torch.long, device=dev)
         self._rows: dict[object, tuple[int, list[int]]] = {}   # sequence key → (table row, its table)
         self._free_rows = list(range(b - 1, -1, -1))
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle()
+        self._copied = torch.cuda.Event()
         self._set_padding(0)
 
     def buckets_for(self, num_rows: int, max_seq_len: int) -> tuple[int, int] | None:
@@ -95,7 +97,7 @@ class DecodeGraphs:
         return len(self._graphs)
 
     def _forward(self, b: int, c: int) -> torch.Tensor:
-        ids, positions, lens, rows = self.inputs[:, :b]
+        ids, positions, lens, rows = (t.contiguous() for t in self.inputs[:b].unbind(1))
         tables = self.table_store[rows]
         bs = self.block_size
         slots = tables.gather(1, (positions // bs)[:, None]).squeeze(1) * bs + positions % bs
@@ -124,10 +126,8 @@ class DecodeGraphs:
 
     def _set_padding(self, start: int) -> None:
         h = self._host_inputs
-        h[:3, start:] = 0
-        h[2, start:] = 1
-        h[3, start:] = self._pad_row
-        self.inputs[:, start:].copy_(h[:, start:])
+        h[start:] = torch.tensor([0, 0, 1, self._pad_row])
+        self.inputs[start:].copy_(h[start:])
 
     def _table_rows(self, keys: list[object], block_tables: list[list[int]]) -> list[int]:
         """Device table rows of this step's sequences; rows of sequences that left are reused."""
@@ -158,11 +158,13 @@ class DecodeGraphs:
         if key is None or len(set(keys)) != n:
             return None
         graph, hidden = self._graph(key)
+        b = key[0]
+        self._copied.synchronize()  # the last step's async copy has read the staging buffer
         h = self._host_inputs
-        h[:, :n] = torch.tensor([input_ids, positions, seq_lens, self._table_rows(keys, block_tables)])
-        h[:3, n:key[0]] = 0
-        h[2, n:key[0]] = 1
-        h[3, n:key[0]] = self._pad_row
-        self.inputs[:, : key[0]].copy_(h[:, : key[0]])
+        h[:n] = torch.tensor([input_ids, positions, seq_lens, self._table_rows(keys, block_tables)]).T
+        if b > n:
+            h[n:b] = torch.tensor([0, 0, 1, self._pad_row])
+        self.inputs[:b].copy_(h[:b], non_blocking=True)  # pinned: ordered before the replay on the stream
+        self._copied.record()
         graph.replay()
         return hidden[:n]

@@ -150,6 +150,7 @@ def apply_rope_(
         return
     T, hq, d = q.shape
     hkv = k.shape[1]
+    positions = positions.contiguous()
     if q.stride(2) != 1 or k.stride(2) != 1 or cos.stride(1) != 1:
         raise ValueError("apply_rope_ needs a contiguous head dimension")
     _rope_kernel[(T,)](
