@@ -264,8 +264,13 @@ def default_config(
         # partitions long (>= 1024 tokens once there is about one program per two SMs already).
         min_partition = 1024 if 2 * pairs >= num_sms else 256
         partition = min(partition, max(min_partition, _next_pow2(math.ceil(max_seq_len * pairs / (4 * num_sms)))))
+    num_warps = 4
+    if pairs < 2 * num_sms:
+        # Few, long programs: wider tiles and more warps per program keep more loads in flight
+        # (sweep at batch 1-16: +25% at batch 16 / 1K, +35% at batch 4 / 4K over 32-token tiles, 4 warps).
+        block_n, num_warps = max(64, page), 8
     partition = max(partition, block_n)
-    return DecodeKernelConfig(partition=partition, block_n=block_n, num_warps=4, num_stages=3, use_dot=True)
+    return DecodeKernelConfig(partition=partition, block_n=block_n, num_warps=num_warps, num_stages=3, use_dot=True)
 
 
 def paged_decode_attention_triton(
