@@ -54,6 +54,7 @@ class StepResult:
     step_ms: float | None = None      # full step, host to host
     graph_ms: float | None = None     # the captured layers alone (GPU time)
     roofline_ms: float | None = None
+    flop_floor_ms: float | None = None  # matrix + attention FLOPs / measured bf16 matmul rate
     weight_gb: float = 0.0
     kv_gb: float = 0.0
     tokens_per_s: float | None = None
@@ -95,6 +96,14 @@ def copy_bandwidth_gbs(device: torch.device, nbytes: int = 4 << 30) -> float:
     dst = torch.empty_like(src)
     ms = _timer(device)(lambda: dst.copy_(src))
     return 2 * n * 2 / ms / 1e6
+
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int = 8192) -> float:
+    """Measured dense matmul rate: the compute ceiling (decode GEMMs at batch >= 128 approach it)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    ms = _timer(device)(lambda: a @ b)
+    return 2 * n**3 / ms / 1e9
 
 
 def kv_bytes_per_token(cfg: ModelConfig, elem: int) -> int:
@@ -167,7 +176,7 @@ def kernel_profile(fn, device: torch.device, reps: int = 5, top: int = 12) -> st
 
 def bench_decode_step(
     shape: str, model: LlamaForCausalLM, dtype: torch.dtype, device: torch.device, batch: int, ctx: int,
-    copy_gbs: float, use_graphs: bool, profile: bool = False,
+    copy_gbs: float, use_graphs: bool, profile: bool = False, tflops: float | None = None,
 ) -> StepResult:
     cfg = model.config
     elem = torch.finfo(dtype).bits // 8
@@ -175,6 +184,11 @@ def bench_decode_step(
     kv_read = batch * ctx * kv_bytes_per_token(cfg, elem)
     res = StepResult(shape, batch, ctx, weight_gb=weights / 1e9, kv_gb=kv_read / 1e9,
                      roofline_ms=(weights + kv_read) / copy_gbs / 1e6)
+    if tflops:
+        # 2 FLOPs per weight per row, plus QK^T and PV over the context (4 * ctx * Hq * D per row and layer).
+        flops = 2 * batch * weights / elem + 4 * batch * ctx * cfg.num_attention_heads * cfg.head_dim * \
+            cfg.num_hidden_layers
+        res.flop_floor_ms = flops / tflops / 1e9
     nb = math.ceil(ctx / PAGE)
     num_blocks = batch * nb + 1
     pool_bytes = num_blocks * PAGE * kv_bytes_per_token(cfg, elem)
@@ -223,6 +237,7 @@ def bench_decode_step(
 def run(shapes, batches, contexts, device: torch.device, dtype: torch.dtype, use_graphs: bool,
         attention: bool = True, profile: tuple[int, int] | None = None) -> tuple[str, dict]:
     copy_gbs = copy_bandwidth_gbs(device, 4 << 30 if device.type == "cuda" else 256 << 20)
+    tflops = matmul_tflops(device, dtype) if device.type == "cuda" else None
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     lines = [
         f"# adrenaline bench engine — {name}, {datetime.date.today().isoformat()}",
@@ -230,9 +245,12 @@ def run(shapes, batches, contexts, device: torch.device, dtype: torch.dtype, use
         f"torch {torch.__version__}; {str(dtype).removeprefix('torch.')}; page {PAGE}; CUDA graphs "
         f"{'on' if use_graphs else 'off'}; dummy weights of the real shapes; random K/V and tokens; "
         "medians. Device-to-device copy (read + write bytes): "
-        f"**{copy_gbs:.0f} GB/s**.",
+        f"**{copy_gbs:.0f} GB/s**." + (f" Dense {str(dtype).removeprefix('torch.')} matmul (8192³): "
+                                         f"**{tflops:.0f} TFLOP/s**." if tflops else ""),
+        "Roofline = (weight bytes + KV bytes read) / copy bandwidth; FLOP floor = the step's matrix and "
+        "attention FLOPs / the matmul rate (it passes the roofline at large batches).",
     ]
-    report: dict = {"device": name, "copy_gbs": copy_gbs, "steps": [], "attention": []}
+    report: dict = {"device": name, "copy_gbs": copy_gbs, "matmul_tflops": tflops, "steps": [], "attention": []}
     profiles: list[str] = []
     for shape in shapes:
         ckpt = load_checkpoint(f"dummy:{shape}")
@@ -248,12 +266,13 @@ def run(shapes, batches, contexts, device: torch.device, dtype: torch.dtype, use
         model = build_model(ckpt, dtype, device, max_positions=max(contexts) + 16)
         lines += ["", f"## {shape}: decode step", "",
                   "| batch | context | step ms | layers (graph) ms | roofline ms | step / roofline | "
-                  "weights GB | KV GB | tokens/s |",
-                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "FLOP floor ms | weights GB | KV GB | tokens/s |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for ctx in contexts:
             for batch in batches:
                 r = bench_decode_step(shape, model, dtype, device, batch, ctx, copy_gbs, use_graphs,
-                                      profile=use_graphs and profile == (batch, ctx))
+                                      profile=use_graphs and profile == (batch, ctx), tflops=tflops)
+                floor = f"{r.flop_floor_ms:.2f}" if r.flop_floor_ms is not None else "—"
                 if r.profile:
                     profiles.append(f"### {shape}, batch {batch}, context {ctx}: kernels of one step's layers"
                                     f"\n\n{r.profile}")
@@ -261,12 +280,12 @@ def run(shapes, batches, contexts, device: torch.device, dtype: torch.dtype, use
                     torch.cuda.empty_cache()  # the pool and graphs of this shape are gone: give back
                 report["steps"].append(asdict(r))
                 if r.step_ms is None:
-                    lines.append(f"| {batch} | {ctx} | — | — | {r.roofline_ms:.2f} | — | {r.weight_gb:.1f} | "
+                    lines.append(f"| {batch} | {ctx} | — | — | {r.roofline_ms:.2f} | — | {floor} | {r.weight_gb:.1f} | "
                                  f"{r.kv_gb:.1f} | {r.note} |")
                 else:
                     graph = f"{r.graph_ms:.2f}" if r.graph_ms is not None else "—"
                     lines.append(f"| {batch} | {ctx} | {r.step_ms:.2f} | {graph} | {r.roofline_ms:.2f} | "
-                                 f"{r.step_ms / r.roofline_ms:.2f} | {r.weight_gb:.1f} | {r.kv_gb:.1f} | "
+                                 f"{r.step_ms / r.roofline_ms:.2f} | {floor} | {r.weight_gb:.1f} | {r.kv_gb:.1f} | "
                                  f"{r.tokens_per_s:.0f} |")
                 print(lines[-1], flush=True)
         del model

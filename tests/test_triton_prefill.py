@@ -202,15 +202,17 @@ def test_large_batch_long_context():
     gen = torch.Generator().manual_seed(16)
     ctx_lens = [8192, 1, 4099, 8000] + torch.randint(1, 8193, (12,), generator=gen).tolist()
     q_lens = [c if i % 2 == 0 else max(1, c // (2 + i % 5)) for i, c in enumerate(ctx_lens)]
-    case = make_case(q_lens, ctx_lens, 32, 8, 128, 16, BF16, torch.Generator(device=DEVICE).manual_seed(17))
+    gen = torch.Generator(device=DEVICE).manual_seed(17)
+    case = make_case(q_lens, ctx_lens, 32, 8, 128, 16, BF16, gen, index_dtype=torch.int32)  # compiled above
     run_paged(case, max(q_lens), label="16 seqs to 8K, 32/8/128 bf16")
 
 
 def test_large_fresh_packed():
     gen = torch.Generator().manual_seed(8)
     lens = [8192, 1, 3000] + torch.randint(1, 4097, (5,), generator=gen).tolist()
-    case = make_case(lens, lens, 32, 8, 128, 16, FP16, torch.Generator(device=DEVICE).manual_seed(9))
-    run_packed(case, max(lens), label="8 prompts to 8K, 32/8/128 fp16")
+    gen = torch.Generator(device=DEVICE).manual_seed(9)
+    case = make_case(lens, lens, 32, 8, 128, 16, BF16, gen, index_dtype=torch.int32)  # compiled above
+    run_packed(case, max(lens), label="8 prompts to 8K, 32/8/128 bf16")
 
 
 def test_pool_beyond_int32_elements():
@@ -221,7 +223,8 @@ def test_pool_beyond_int32_elements():
     gen = torch.Generator(device=DEVICE).manual_seed(31)
     case = make_case(q_lens, ctx_lens, 32, hkv, d, page, BF16, gen, num_blocks=num_blocks)
     assert case.tables.max().item() * page * hkv * d >= 1 << 31
-    run_paged(case, max(q_lens), label="pool > 2^31 elements")
+    config = PrefillKernelConfig(block_m=128, block_n=64, num_warps=8, num_stages=3, pack_heads=1)  # as test_configs
+    run_paged(case, max(q_lens), config, label="pool > 2^31 elements")
 
 
 def test_empty_and_default_out():

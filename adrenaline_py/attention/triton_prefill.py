@@ -30,8 +30,11 @@ Layout, and why:
 - Token and block offsets are int64: pools can exceed 2^31 elements.
 
 Status (2026-11-24): checked against a float64 reference in Triton's CPU interpreter (fp16 and
-fp32; the interpreter's ``tl.dot`` does not take bf16) and compiled for sm_90 without spills; not
-yet run on a GPU, and not wired into serving. tests/test_triton_prefill.py is the GPU check.
+fp32; the interpreter's ``tl.dot`` gives garbage for bf16) and compiled for sm_90 without spills;
+not yet run on a GPU. ``TritonAttentionBackend.prefill`` uses the packed variant for fresh prompts.
+tests/test_triton_prefill.py is the GPU check. Full speed needs 16-element-aligned strides and
+16-byte-aligned base pointers (Triton specialises on them at launch; without them the K/V loads are
+neither vectorised nor pipelined).
 
 Triton is imported lazily: on a machine without it this module still imports, and the entry points
 raise a clear error.
