@@ -21,7 +21,6 @@ imports, and ``paged_decode_attention_triton`` raises a clear error.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -34,23 +33,9 @@ from adrenaline_py.attention.base import (
     store_kv,
 )
 from adrenaline_py.attention.torch_backend import TorchAttentionBackend
-
-try:  # triton ships with CUDA builds of torch only
-    import triton
-    import triton.language as tl
-
-    _TRITON_IMPORT_ERROR: Exception | None = None
-except ImportError as exc:  # pragma: no cover - depends on the machine
-    triton = None
-    tl = None
-    _TRITON_IMPORT_ERROR = exc
-
-_LOG2E = 1.4426950408889634
-
-
-def triton_available() -> bool:
-    return triton is not None
-
+from adrenaline_py.triton_support import LOG2E as _LOG2E
+from adrenaline_py.triton_support import check_triton, tl, triton, triton_available  # noqa: F401
+from adrenaline_py.triton_support import next_pow2 as _next_pow2
 
 if triton is not None:
 
@@ -241,10 +226,6 @@ class DecodeKernelConfig:
     use_dot: bool    # tensor-core dots (cp.async-pipelined loads); False: fp32 broadcast-and-sum
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
-
-
 def default_config(
     batch: int, num_kv_heads: int, group: int, head_dim: int, page: int, max_seq_len: int, num_sms: int = 132
 ) -> DecodeKernelConfig:
@@ -288,14 +269,7 @@ def paged_decode_attention_triton(
 
     ``out`` (optional, [B, Hq, D], head dim contiguous) receives the result instead of a new tensor.
     """
-    if triton is None:
-        raise RuntimeError(
-            f"paged_decode_attention_triton needs the 'triton' package and a CUDA GPU "
-            f"(import failed: {_TRITON_IMPORT_ERROR}); use TorchAttentionBackend on this machine"
-        )
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter, for debugging
-    if not q.is_cuda and not interpret:
-        raise RuntimeError("paged_decode_attention_triton runs on CUDA tensors only")
+    check_triton("paged_decode_attention_triton", q)
     B, Hq, D = q.shape
     num_blocks, page, Hkv, Dk = k_cache.shape
     if Dk != D or v_cache.shape != k_cache.shape:

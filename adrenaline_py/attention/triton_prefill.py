@@ -42,27 +42,13 @@ raise a clear error.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 
-try:  # triton ships with CUDA builds of torch only
-    import triton
-    import triton.language as tl
-
-    _TRITON_IMPORT_ERROR: Exception | None = None
-except ImportError as exc:  # pragma: no cover - depends on the machine
-    triton = None
-    tl = None
-    _TRITON_IMPORT_ERROR = exc
-
-_LOG2E = 1.4426950408889634
-
-
-def triton_available() -> bool:
-    return triton is not None
-
+from adrenaline_py.triton_support import LOG2E as _LOG2E
+from adrenaline_py.triton_support import check_triton, tl, triton, triton_available  # noqa: F401
+from adrenaline_py.triton_support import next_pow2 as _next_pow2
 
 if triton is not None:
 
@@ -207,10 +193,6 @@ class PrefillKernelConfig:
     pack_heads: int = 0  # query heads of one KV group packed into a tile's rows (divides Hq/Hkv); 0: auto
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
-
-
 def default_pack_heads(group: int, limit: int = 16) -> int:
     """The whole GQA group, or its largest divisor <= limit (keeps a few tokens per 128-row tile)."""
     return max(h for h in range(1, min(group, limit) + 1) if group % h == 0)
@@ -233,17 +215,6 @@ def default_prefill_config(
         return PrefillKernelConfig(block_m=block_m, block_n=32, num_warps=8, num_stages=2, pack_heads=pack)
     num_warps = 8 if block_m == 128 else 4
     return PrefillKernelConfig(block_m=block_m, block_n=64, num_warps=num_warps, num_stages=3, pack_heads=pack)
-
-
-def _check_triton(name: str, t: torch.Tensor) -> None:
-    if triton is None:
-        raise RuntimeError(
-            f"{name} needs the 'triton' package and a CUDA GPU (import failed: {_TRITON_IMPORT_ERROR}); "
-            f"use TorchAttentionBackend on this machine"
-        )
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter, for debugging
-    if not t.is_cuda and not interpret:
-        raise RuntimeError(f"{name} runs on CUDA tensors only")
 
 
 def _launch(
@@ -338,7 +309,7 @@ def paged_prefill_attention_triton(
     ``context_lens[b] - q_len_b + i`` and sees keys 0..that position. ``out`` (optional, [T, Hq, D],
     head dim contiguous) receives the result instead of a new tensor.
     """
-    _check_triton("paged_prefill_attention_triton", q)
+    check_triton("paged_prefill_attention_triton", q)
     if k_cache.dim() != 4:
         raise ValueError(f"k_cache must be [num_blocks, block_size, Hkv, D], got {tuple(k_cache.shape)}")
     return _launch(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, max_q_len, scale, out, config)
@@ -355,7 +326,7 @@ def prefill_attention_triton(
     config: PrefillKernelConfig | None = None,
 ) -> torch.Tensor:
     """Causal self-attention of fresh prompts packed back to back, K/V read from the packed k/v."""
-    _check_triton("prefill_attention_triton", q)
+    check_triton("prefill_attention_triton", q)
     if k.dim() != 3:
         raise ValueError(f"k must be [T, Hkv, D], got {tuple(k.shape)}")
     return _launch(q, k, v, None, cu_seqlens_q, None, max_q_len, scale, out, config)

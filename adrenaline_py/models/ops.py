@@ -10,23 +10,12 @@ SiLU(gate) is rounded before the multiply by up.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
-try:  # triton ships with CUDA builds of torch only
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the machine
-    triton = None
-    tl = None
-
-
-def _use_triton(t: torch.Tensor) -> bool:
-    # TRITON_INTERPRET=1 runs the kernels on CPU tensors in Triton's interpreter (for debugging).
-    return triton is not None and (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
-
+from adrenaline_py.triton_support import next_pow2 as _next_pow2
+from adrenaline_py.triton_support import runs_triton as _use_triton
+from adrenaline_py.triton_support import tl, triton
 
 # --- torch reference path ------------------------------------------------------------------------
 
@@ -111,10 +100,6 @@ if triton is not None:
         u = tl.load(gu_ptr + row * stride_gu + n_cols + offs, mask=mask, other=0.0).to(tl.float32)
         act = (g / (1.0 + tl.exp(-g))).to(out_ptr.dtype.element_ty).to(tl.float32)
         tl.store(out_ptr + row * stride_o + offs, (act * u).to(out_ptr.dtype.element_ty), mask=mask)
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
 
 
 # --- public ops ----------------------------------------------------------------------------------
