@@ -105,10 +105,42 @@ def test_overload_ends_every_request_with_output_or_explicit_error(small_pools_s
     assert ok.get("finish_reason") == "length"
 
 
+def _timed_stream(server: Server, prompt: str, max_tokens: int) -> dict:
+    r = stream(server, prompt, max_tokens)
+    return {**r, "done_at": time.monotonic()}
+
+
+def test_running_requests_are_not_corrupted_while_the_pools_are_full(small_pools_server):
+    server = small_pools_server
+    probes = ["Tell me a long story about a dragon:", "List the planets of the solar system:",
+              "Write a recipe for bread:", "Explain how a bicycle works:"]
+    alone = {p: stream(server, p, 64)["text"] for p in probes}  # one at a time: the reference
+    assert wait_for(lambda: _pools_empty(server))
+    with ThreadPoolExecutor(max_workers=len(probes) + 40) as pool:
+        running = [pool.submit(_timed_stream, server, p, 64) for p in probes]
+        assert wait_for(lambda: _held(metrics(server)) == len(probes))
+        # 40 more than the pools hold (about 16 of this size): they wait, are rejected, or run
+        flood = [pool.submit(_timed_stream, server, f"Request {i}: write a short poem about the number {i}.", 64)
+                 for i in range(40)]
+        results = [f.result(timeout=300) for f in running]
+        flooded = [f.result(timeout=300) for f in flood]
+    rejected = [r for r in flooded if r["error"]]
+    assert rejected and all(re.search(r"server overloaded|KV cache full", r["error"]) for r in rejected), rejected
+    assert min(r["done_at"] for r in rejected) < max(r["done_at"] for r in results)  # while the probes ran
+    assert all(r["finish_reason"] in ("stop", "length") for r in flooded if not r["error"])
+    for prompt, r in zip(probes, results):
+        assert r["error"] is None and r["text"] == alone[prompt], prompt
+    assert wait_for(lambda: _pools_empty(server))
+    print(f"pools full: {len(probes)} running requests kept their exact text while {len(rejected)} of "
+          f"{len(flooded)} more were rejected and {len(flooded) - len(rejected)} waited or ran")
+
+
 @pytest.fixture(scope="module")
 def offload_server(tmp_path_factory):
-    server = _server(tmp_path_factory, "kill", offload="always", num_decode_blocks=512, num_executor_blocks=512,
-                     max_decode_batch=32)
+    # ratio:0.5 offloads every other request, so both pools hold requests and local requests keep
+    # streaming while the executor is killed. Room for 200 requests of up to 500 tokens in all.
+    server = _server(tmp_path_factory, "faults", offload="ratio:0.5", num_decode_blocks=3300,
+                     num_executor_blocks=3300, max_decode_batch=32)
     yield server
     server.stop()
 
@@ -121,66 +153,174 @@ def _open_stream(server: Server, prompt: str, max_tokens: int):
     return response
 
 
-def test_cancelled_streams_free_their_kv_blocks_in_both_pools(offload_server):
+def _grpc_inputs(prompt: str, max_tokens: int) -> list:
     import tritonclient.grpc as grpcclient
 
-    num_grpc, num_http = 24, 8
-    client = grpcclient.InferenceServerClient(f"127.0.0.1:{offload_server.options.grpc_port}")
-    client.start_stream(callback=lambda result, error: None)
-    for i in range(num_grpc):
-        inputs = []
-        for name, value, dtype in (("text_input", np.array([[f"Story {i}:".encode()]], dtype=np.object_), "BYTES"),
-                                   ("max_tokens", np.array([[200]], dtype=np.int32), "INT32"),
-                                   ("stream", np.array([[True]]), "BOOL")):
-            t = grpcclient.InferInput(name, list(value.shape), dtype)
-            t.set_data_from_numpy(value)
-            inputs.append(t)
-        client.async_stream_infer("ensemble", inputs)
-    http_streams = [_open_stream(offload_server, f"Poem {i}:", 200) for i in range(num_http)]
-    total = num_grpc + num_http
-    held = lambda m: m['adrenaline_decode_requests{state="running"}'] + m['adrenaline_decode_requests{state="waiting"}']
-    assert wait_for(lambda: held(metrics(offload_server)) == total, 120)
-    assert metrics(offload_server)['adrenaline_kv_blocks_used{pool="executor"}'] > 0
-    client.stop_stream(cancel_requests=True)
-    client.close()
+    inputs = []
+    for name, value, dtype in (("text_input", np.array([[prompt.encode()]], dtype=np.object_), "BYTES"),
+                               ("max_tokens", np.array([[max_tokens]], dtype=np.int32), "INT32"),
+                               ("stream", np.array([[True]]), "BOOL")):
+        t = grpcclient.InferInput(name, list(value.shape), dtype)
+        t.set_data_from_numpy(value)
+        inputs.append(t)
+    return inputs
+
+
+def _held(m: dict[str, float]) -> float:
+    return m['adrenaline_decode_requests{state="running"}'] + m['adrenaline_decode_requests{state="waiting"}']
+
+
+def _pools_empty(server: Server) -> bool:
+    m = metrics(server)
+    return all(m[f'adrenaline_kv_blocks_used{{pool="{p}"}}'] == 0 for p in ("decode", "executor"))
+
+
+def test_200_cancelled_streams_free_their_kv_blocks_in_both_pools(offload_server):
+    import tritonclient.grpc as grpcclient
+
+    num_grpc_streams, per_stream, num_http = 5, 20, 100
+    total = num_grpc_streams * per_stream + num_http
+    max_tokens = 500  # none may finish before all 200 are decoding
+    assert _pools_empty(offload_server)
+    cancelled_before = metrics(offload_server).get('adrenaline_requests_finished_total{reason="cancelled"}', 0)
+    started = time.monotonic()
+    clients, errors = [], []
+    for s in range(num_grpc_streams):
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{offload_server.options.grpc_port}")
+        client.start_stream(callback=lambda result, error: errors.append(error) if error is not None else None)
+        for i in range(per_stream):
+            client.async_stream_infer("ensemble", _grpc_inputs(f"Story {s}.{i}:", max_tokens))
+        clients.append(client)
+    with ThreadPoolExecutor(max_workers=num_http) as pool:
+        http_streams = list(pool.map(lambda i: _open_stream(offload_server, f"Poem {i}:", max_tokens),
+                                     range(num_http)))
+    assert wait_for(lambda: _held(metrics(offload_server)) == total, 120), metrics(offload_server)
+    admitted_s = time.monotonic() - started
+    m = metrics(offload_server)
+    assert m['adrenaline_kv_blocks_used{pool="executor"}'] > 0 and m['adrenaline_kv_blocks_used{pool="decode"}'] > 0
+    assert not errors, errors  # no request failed before the cancellation
+    for client in clients:
+        client.stop_stream(cancel_requests=True)
+        client.close()
     for r in http_streams:
         r.close()
-    started = time.monotonic()
-    assert wait_for(lambda: all(metrics(offload_server)[f'adrenaline_kv_blocks_used{{pool="{p}"}}'] == 0
-                                for p in ("decode", "executor")), timeout=15)
-    print(f"{total} cancelled streams freed their blocks in {time.monotonic() - started:.1f}s")
+    cancelled = time.monotonic()
+    assert wait_for(lambda: _pools_empty(offload_server), timeout=30)
+    freed_s = time.monotonic() - cancelled
+    print(f"{total} streams decoding after {admitted_s:.1f}s; cancelled, their blocks were free in both pools "
+          f"after {freed_s:.1f}s")
     m = metrics(offload_server)
-    assert m['adrenaline_requests_finished_total{reason="cancelled"}'] == total
-    assert m['adrenaline_decode_requests{state="running"}'] == 0
+    assert m['adrenaline_requests_finished_total{reason="cancelled"}'] - cancelled_before == total
+    assert _held(m) == 0
 
 
-def _stub_pid(server: Server, model: str) -> int:
-    """The python-backend stub process of one model instance of this server."""
+def _worker_pid(server: Server, role: str) -> int:
+    """The worker process (backends/adrenaline/worker.py) that a role's stub supervises."""
     for proc in Path("/proc").iterdir():
         try:
             args = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
             continue
-        if any(str(server.run_dir).encode() in a for a in args) and f"{model}_0_0".encode() in args:
+        if (state != "Z" and len(args) > 3 and args[1].endswith(b"worker.py") and args[2] == role.encode()
+                and args[3].startswith(str(server.run_dir).encode())):
             return int(proc.name)
-    raise AssertionError(f"no stub process for {model}")
+    raise AssertionError(f"no {role} worker process")
 
 
-def test_killing_the_executor_mid_decode_moves_its_requests_to_decode(offload_server):
-    prompts = ["Tell me a long story about a dragon:", "List the planets of the solar system:",
-               "Write a recipe for bread:"]
+def _restarted(server: Server, role: str, restarts_before: float) -> bool:
+    m = metrics(server)
+    return (m.get(f'adrenaline_worker_restarts_total{{model="{role}"}}', 0) > restarts_before
+            and m[f'adrenaline_worker_up{{model="{role}"}}'] == 1)
+
+
+def _collect_streams(server: Server, prompts: list[str], max_tokens: int) -> list[dict]:
     with ThreadPoolExecutor(max_workers=len(prompts)) as pool:
-        futures = [pool.submit(stream, offload_server, p, 80) for p in prompts]
-        assert wait_for(lambda: metrics(offload_server).get("adrenaline_requests_offloaded", 0) == len(prompts))
-        os.kill(_stub_pid(offload_server, "attention"), signal.SIGKILL)
+        return list(pool.map(lambda p: stream(server, p, max_tokens), prompts))
+
+
+FAULT_PROMPTS = ["Tell me a long story about a dragon:", "List the planets of the solar system:",
+                 "Write a recipe for bread:", "Explain how a bicycle works:", "Describe the city of Paris:",
+                 "Write a letter to a friend about summer:"]
+
+
+@pytest.fixture(scope="module")
+def reference_texts(offload_server) -> dict[str, str]:
+    """Each fault prompt's greedy text of 80 tokens, alone and uninterrupted."""
+    return {p: generate(offload_server, {"text_input": p, "max_tokens": 80})["text_output"] for p in FAULT_PROMPTS}
+
+
+def test_killing_the_executor_mid_decode_recovers_and_offloads_again(offload_server, reference_texts):
+    server = offload_server
+    m0 = metrics(server)
+    restarts = m0.get('adrenaline_worker_restarts_total{model="attention"}', 0)
+    recovered = m0["adrenaline_offload_recovered_total"]
+    old_pid = _worker_pid(server, "attention")
+    with ThreadPoolExecutor(max_workers=2 * len(FAULT_PROMPTS)) as pool:
+        futures = [pool.submit(stream, server, p, 80) for p in FAULT_PROMPTS]
+        # ratio:0.5: half of them decode locally and must keep streaming through the fault
+        assert wait_for(lambda: metrics(server)["adrenaline_requests_offloaded"] >= 2
+                        and _held(metrics(server)) == len(FAULT_PROMPTS))
+        os.kill(old_pid, signal.SIGKILL)
+        killed = time.monotonic()
+        # arriving while the executor is down or restarting: admitted locally, or to a generation
+        # that dies before their prefill (admitted again), or offloaded to the new one
+        futures += [pool.submit(stream, server, p, 80) for p in FAULT_PROMPTS]
+        assert wait_for(lambda: _restarted(server, "attention", restarts), timeout=120)
+        restart_s = time.monotonic() - killed
         results = [f.result(timeout=300) for f in futures]
-    assert all(r["error"] is None and r["finish_reason"] for r in results), results
-    assert metrics(offload_server)["adrenaline_offload_recovered_total"] >= 1
-    # Recomputed KV gives the same continuation as an uninterrupted run (now served locally).
-    for prompt, r in zip(prompts, results):
-        again = generate(offload_server, {"text_input": prompt, "max_tokens": 80})
-        assert again["text_output"] == r["text"]
-    assert wait_for(lambda: metrics(offload_server)['adrenaline_kv_blocks_used{pool="decode"}'] == 0)
+    # Offloaded requests were recomputed locally and finished: same text as an uninterrupted run.
+    for prompt, r in zip(FAULT_PROMPTS * 2, results):
+        assert r["error"] is None and r["finish_reason"], r
+        assert r["text"] == reference_texts[prompt], prompt
+    assert metrics(server)["adrenaline_offload_recovered_total"] > recovered
+    assert _worker_pid(server, "attention") != old_pid
+    # The restarted executor has a fresh pool, and new requests are offloaded to it again.
+    before = metrics(server)
+    stats_before = _executor_stats(server)
+    assert stats_before["generation"] == 2 and stats_before["num_free_blocks"] == stats_before["num_blocks"]
+    again = _collect_streams(server, FAULT_PROMPTS, 80)
+    for prompt, r in zip(FAULT_PROMPTS, again):
+        assert r["error"] is None and r["text"] == reference_texts[prompt], (prompt, r)
+    after = metrics(server)
+    assert (after['adrenaline_admitted_total{pool="executor"}'] - before['adrenaline_admitted_total{pool="executor"}']
+            >= len(FAULT_PROMPTS) // 2)
+    assert _executor_stats(server)["steps"] > stats_before["steps"]  # the new executor served them
+    assert wait_for(lambda: _pools_empty(server))
+    stats = _executor_stats(server)
+    assert stats["num_free_blocks"] == stats["num_blocks"]
+    print(f"executor worker killed; restarted and serving again after {restart_s:.1f}s")
+
+
+def test_killing_the_prefill_worker_recovers(offload_server, reference_texts):
+    server = offload_server
+    restarts = metrics(server).get('adrenaline_worker_restarts_total{model="prefill"}', 0)
+    old_pid = _worker_pid(server, "prefill")
+    with ThreadPoolExecutor(max_workers=2 * len(FAULT_PROMPTS)) as pool:
+        decoding = [pool.submit(stream, server, p, 80) for p in FAULT_PROMPTS[:3]]
+        assert wait_for(lambda: _held(metrics(server)) == 3)
+        # these are in preprocessing, admission or prefill when the worker dies
+        arriving = [pool.submit(stream, server, p, 80) for p in FAULT_PROMPTS[3:]]
+        os.kill(old_pid, signal.SIGKILL)
+        killed = time.monotonic()
+        later = [pool.submit(stream, server, p, 80) for p in FAULT_PROMPTS[:3]]  # wait for the new worker
+        assert wait_for(lambda: _restarted(server, "prefill", restarts), timeout=240)
+        restart_s = time.monotonic() - killed
+        results = [f.result(timeout=300) for f in decoding + arriving + later]
+    for prompt, r in zip(FAULT_PROMPTS + FAULT_PROMPTS[:3], results):
+        assert r["error"] is None and r["text"] == reference_texts[prompt], (prompt, r)
+    assert _worker_pid(server, "prefill") != old_pid
+    ok = generate(server, {"text_input": FAULT_PROMPTS[0], "max_tokens": 80})
+    assert ok["text_output"] == reference_texts[FAULT_PROMPTS[0]]
+    assert wait_for(lambda: _pools_empty(server))
+    print(f"prefill worker killed; restarted and serving again after {restart_s:.1f}s")
+
+
+def _executor_stats(server: Server) -> dict:
+    body = {"inputs": [{"name": "probe", "shape": [1], "datatype": "INT32", "data": [0]}]}
+    req = urllib.request.Request(f"{server.http_url}/v2/models/attention/infer", data=json.dumps(body).encode())
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(json.loads(r.read())["outputs"][0]["data"][0])
 
 
 @pytest.fixture(scope="module")

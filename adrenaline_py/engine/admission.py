@@ -10,7 +10,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from adrenaline_py.kv_cache import BlockAllocator, blocks_needed
 from adrenaline_py.policy import OffloadPolicy, PoolLoad
@@ -34,6 +34,9 @@ class Ticket:
     pool: str               # "decode" or "executor"
     block_table: list[int]
     reserved_tokens: int
+    # The allocator the blocks came from: the executor's pool may be re-created (a restarted
+    # worker) while the request is in prefill, and its blocks must go back to their own pool.
+    allocator: BlockAllocator | None = field(default=None, compare=False, repr=False)
 
 
 def _load(a: BlockAllocator) -> PoolLoad:
@@ -117,8 +120,9 @@ class Admission:
 
     def _try(self, order: list[str], capacity: dict[str, int], n: int, reserved: int) -> Ticket | None:
         for name in order:
-            if n <= capacity[name] and (blocks := self._allocators(name).allocate(n, reserved)) is not None:
-                return Ticket(name, blocks, reserved)
+            allocator = self._allocators(name)
+            if n <= capacity[name] and (blocks := allocator.allocate(n, reserved)) is not None:
+                return Ticket(name, blocks, reserved, allocator)
         return None
 
     @property
@@ -126,4 +130,4 @@ class Admission:
         return self.policy.mode != "never"
 
     def release(self, ticket: Ticket) -> None:
-        self._allocators(ticket.pool).free(ticket.block_table, ticket.reserved_tokens)
+        (ticket.allocator or self._allocators(ticket.pool)).free(ticket.block_table, ticket.reserved_tokens)

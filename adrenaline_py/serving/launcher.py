@@ -191,6 +191,9 @@ class Server:
         env = runtime.environment()
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
         env.pop(API_KEY_ENV, None)  # the models have no use for it
+        # The interpreter that attention and prefill start their worker processes with (a stub's
+        # sys.executable is not necessarily a Python): backends/adrenaline/supervisor.py.
+        env["ADRENALINE_PYTHON"] = str(runtime.python_executable)
         if self.mps is not None:
             self.mps.start()
             env.update(self.mps.env)

@@ -15,11 +15,15 @@ from adrenaline_py.config import EngineConfig
 log = logging.getLogger("adrenaline")
 
 
-def engine_config(model_config: dict) -> EngineConfig:
+def engine_config_path(model_config: dict) -> str:
     path = model_config.get("parameters", {}).get("engine_config", {}).get("string_value")
     if not path:
         raise ValueError("parameter 'engine_config' (path of the launcher's engine.json) is missing")
-    return EngineConfig.load(path)
+    return path
+
+
+def engine_config(model_config: dict) -> EngineConfig:
+    return EngineConfig.load(engine_config_path(model_config))
 
 
 def setup_process(role: str, engine: EngineConfig) -> None:

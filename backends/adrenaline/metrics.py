@@ -48,3 +48,23 @@ class Sampler:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=2)
+
+
+class WorkerMetrics:
+    """Restarts and liveness of a supervised role's worker process (supervisor.py)."""
+
+    def __init__(self, model: str, supervisor) -> None:
+        self.supervisor = supervisor
+        self.restarts = family("adrenaline_worker_restarts_total",
+                               "worker processes restarted after one died, per model", "COUNTER"
+                               ).Metric(labels={"model": model})
+        self.up = family("adrenaline_worker_up", "1 while the model's worker process serves, 0 while it restarts",
+                         "GAUGE").Metric(labels={"model": model})
+        self._seen = 0
+
+    def update(self) -> None:
+        self.up.set(1 if self.supervisor.ready else 0)
+        n = self.supervisor.restarts
+        if n > self._seen:
+            self.restarts.increment(n - self._seen)
+            self._seen = n

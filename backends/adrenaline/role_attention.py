@@ -1,54 +1,79 @@
-"""The attention executor (on the prefill GPU, beside prefill under MPS).
+"""The attention executor (on the prefill GPU, beside prefill under MPS), supervised.
 
-It serves the decode instance over shared memory (adrenaline_py/transport.py), not through
-Triton requests. Its one Triton input is a health/stats probe:
+The executor serves the decode instance over shared memory (adrenaline_py/transport.py), not
+through Triton requests. It runs in a worker process (worker.py) that owns its KV pool and offload
+buffers; this stub only starts it, restarts it when it dies (a new generation: fresh pool, every
+block free; decode recomputes the requests it had) and reports on it (supervisor.py says why).
+
+Its one Triton input is a health/stats probe:
   probe      INT32 [1]   any value
-  ->  stats  BYTES [1]   JSON: steps served, blocks free/total, sequences
+  ->  stats  BYTES [1]   JSON: steps served, blocks free/total, sequences, generation, restarts
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from common import device_for, dtype_for, engine_config, setup_process
-from metrics import Sampler, family
+from common import engine_config, engine_config_path, error_response, setup_process
+from metrics import Sampler, WorkerMetrics, family
+from supervisor import WorkerGone, WorkerSupervisor
 
-from adrenaline_py.engine.executor import AttentionExecutor
+from adrenaline_py.engine.executor import clear_executor_state
 from adrenaline_py.loader import load_checkpoint
 
 
 class Role:
     def initialize(self, args, config):
         self.engine = engine_config(config)
-        # The MPS share must be set before CUDA is touched in this process.
+        # The MPS share must be set before CUDA is touched; the worker inherits it.
         if self.engine.device == "cuda":
             os.environ["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(self.engine.executor_sm_share)
         setup_process("attention", self.engine)
-        ckpt = load_checkpoint(self.engine.model, with_weights=False)
-        self.executor = AttentionExecutor(
-            ckpt.config, self.engine, dtype_for(self.engine), device_for(self.engine, self.engine.prefill_gpu)
-        )
-        self.executor.start()
+        run_dir = self.engine.run_dir
+        # The model's shape, read once here: a restarted worker starts without reading the checkpoint.
+        model_config = load_checkpoint(self.engine.model, with_weights=False).config
+        # A dead worker's state goes before anything else runs: admission stops offloading at once.
+        self.worker = WorkerSupervisor("attention", engine_config_path(config), init=model_config,
+                                       on_exit=lambda pid: clear_executor_state(run_dir, pid))
+        self.worker.start()
+        self._steps_before = 0         # steps served by earlier generations
+        self._last: dict = {}          # the latest stats of the current generation
+        self._lock = threading.Lock()  # the probe and the metrics sampler both ask
         steps = family("adrenaline_executor_steps_total", "decode steps served by the attention executor", "COUNTER")
         self._steps, self._seen_steps = steps.Metric(), 0
+        self._worker_metrics = WorkerMetrics("attention", self.worker)
         self._sampler = Sampler(self._update_metrics)
 
+    def _stats(self) -> dict:
+        with self._lock:
+            generation, stats = self.worker.call(("stats",))
+            if self._last.get("generation") not in (None, generation):  # a restart: keep the old count
+                self._steps_before += self._last.get("steps", 0)
+            self._last = {**stats, "generation": generation}
+            return {**stats, "steps": self._steps_before + stats["steps"], "restarts": self.worker.restarts}
+
     def _update_metrics(self) -> None:
-        n = self.executor.num_steps
+        self._worker_metrics.update()
+        try:
+            n = self._stats()["steps"]
+        except WorkerGone:
+            return
         if n > self._seen_steps:
             self._steps.increment(n - self._seen_steps)
             self._seen_steps = n
 
     def execute(self, requests):
-        a = self.executor.pool.allocator
-        stats = json.dumps({"steps": self.executor.num_steps, "num_free_blocks": a.num_free,
-                            "num_blocks": a.num_blocks, "num_seqs": a.num_seqs})
+        try:
+            stats = json.dumps(self._stats())
+        except WorkerGone as e:
+            return [error_response(f"attention executor unavailable: {e}") for _ in requests]
         out = pb_utils.Tensor("stats", np.array([stats.encode()], dtype=np.object_))  # dims [1], no batch dim
         return [pb_utils.InferenceResponse(output_tensors=[out]) for _ in requests]
 
     def finalize(self):
         self._sampler.stop()
-        self.executor.stop()
+        self.worker.stop()

@@ -33,9 +33,11 @@ from common import (
     tensor,
     text_of,
 )
+from executor_pool import ExecutorBlocks, ExecutorPoolView
 from metrics import BATCH_BUCKETS, Sampler, family
 
 from adrenaline_py.engine.decode import Sequence
+from adrenaline_py.engine.executor import parse_pool_label, tag_blocks
 from adrenaline_py.engine.output import ResponseChunk
 from adrenaline_py.engine.service import DecodeService
 from adrenaline_py.kv_cache import POOL_NAMES, KVPool
@@ -55,14 +57,16 @@ class Role:
         setup_process("decode", e)
         ckpt = load_checkpoint(e.model)
         self.dtype = dtype_for(e)
-        self.config = ckpt.config
         model = build_model(ckpt, self.dtype, device_for(e, e.decode_gpu), e.max_model_len, e.seed)
         ckpt.state_dict = None
-        self.pools = {"decode": KVPool.create("decode", ckpt.config, e, self.dtype)}
+        # Decode only frees in the executor's pool: its allocator, of the live generation.
+        self.executor_blocks = ExecutorBlocks(e)
+        self.pools = {"decode": KVPool.create("decode", ckpt.config, e, self.dtype),
+                      "executor": ExecutorPoolView(self.executor_blocks)}
         self.service = DecodeService(model, ckpt.tokenizer, e, self.dtype, self._pool, self._send)
         self._ids = itertools.count()
         self._metrics = DecodeMetrics(self.service, self._pool)
-        self._samplers = [Sampler(self._metrics.update), Sampler(self._sweep_cancelled, period_s=0.2)]
+        self._samplers = [Sampler(self._update_metrics), Sampler(self._sweep_cancelled, period_s=0.2)]
         # Admission threads wait in preprocessing, for KV room and for prefill.
         self._admission = ThreadPoolExecutor(max_workers=e.max_queued_requests + 2 * e.max_decode_batch,
                                              thread_name_prefix="admit")
@@ -72,9 +76,11 @@ class Role:
         """Clients that went away (stream closed, gRPC cancel) free their KV within one sweep."""
         self.service.check_cancelled(lambda handle: handle[2].is_cancelled())
 
-    def _pool(self, name: str) -> KVPool:
-        if name not in self.pools:  # the executor pool, attached when its first request arrives
-            self.pools[name] = KVPool.attach(name, self.config, self.engine, self.dtype)
+    def _update_metrics(self) -> None:
+        self.executor_blocks.refresh()  # after an executor restart, count (and free into) the new pool
+        self._metrics.update()
+
+    def _pool(self, name: str) -> KVPool | ExecutorPoolView:
         return self.pools[name]
 
     def execute(self, requests):
@@ -90,31 +96,41 @@ class Role:
                                ["input_ids", "generation_params", "first_token", "block_table", "kv_pool"],
                                decoupled=True)
             x = {t.name(): t.as_numpy() for t in sched.output_tensors()}
-            pool = text_of(x["kv_pool"])
+            label = text_of(x["kv_pool"])
+            pool, generation = parse_pool_label(label)
             if pool not in POOL_NAMES:
-                raise ValueError(f"kv_pool must be one of {POOL_NAMES}, got {pool!r}")
+                raise ValueError(f"kv_pool must be one of {POOL_NAMES}, got {label!r}")
             params = GenerationParams.from_json(text_of(x["generation_params"]))
+            block_table = x["block_table"].reshape(-1).tolist()
+            if pool == "executor":
+                # Decode holds executor blocks with their pool's generation: freed into that pool
+                # only, and the executor refuses them if it is a later one (decode then recomputes).
+                block_table = tag_blocks(block_table, generation)
             seq = Sequence(
                 seq_id=next(self._ids),
                 prompt_ids=x["input_ids"].reshape(-1).tolist(),
                 output_ids=[int(x["first_token"].reshape(-1)[0])],
-                block_table=x["block_table"].reshape(-1).tolist(),
+                block_table=block_table,
                 pool=pool,
                 params=params,
                 handle=(sender, params.output, request),
             )
             handed_on = seq
-            self._pool(pool)  # attach the executor's pool now: decode frees the request's blocks
+            if pool == "executor":
+                self.executor_blocks.refresh()  # a new generation: free this request's blocks there
             if request.is_cancelled():
                 raise RequestRejected("request cancelled")
-        except RequestRejected as e:
-            if handed_on is not None:  # blocks were reserved for it: give them back
-                self._pool(handed_on.pool).allocator.free(handed_on.block_table, handed_on.reserved_tokens)
-            self._send_error(sender, str(e))
-            return
         except Exception as e:
-            log.exception("admission failed")
-            self._send_error(sender, f"decode: {type(e).__name__}: {e}")
+            if handed_on is not None:  # blocks were reserved for it: give them back
+                try:
+                    self._pool(handed_on.pool).allocator.free(handed_on.block_table, handed_on.reserved_tokens)
+                except Exception:
+                    log.exception("could not free the blocks of a request that failed admission")
+            if isinstance(e, RequestRejected):
+                self._send_error(sender, str(e))
+            else:
+                log.exception("admission failed")
+                self._send_error(sender, f"decode: {type(e).__name__}: {e}")
             return
         self.service.add(seq)
 
@@ -181,10 +197,11 @@ class DecodeMetrics:
         for name, (used, total) in self.kv.items():
             try:
                 allocator = self.pools(name).allocator
-            except Exception:  # the executor's pool not created yet
+                num_blocks, num_free = allocator.num_blocks, allocator.num_free
+            except LookupError:  # the executor's pool not created yet
                 continue
-            used.set(allocator.num_blocks - allocator.num_free)
-            total.set(allocator.num_blocks)
+            used.set(num_blocks - num_free)
+            total.set(num_blocks)
         scheduler, loop = self.service.scheduler, self.service.loop
         held = scheduler.snapshot()
         num_running = len(scheduler.running)

@@ -2,10 +2,16 @@
 by the scheduler and returns the first sampled token. Dynamic batching gathers concurrent
 prompts into one execute() call, run as one packed batch.
 
+The model runs in a worker process (worker.py) that this stub supervises and restarts when it
+dies (supervisor.py says why): execute() validates the requests and hands the batch to the worker
+over a socket pair. A batch whose worker dies is run again, once, by the restarted worker (the
+prompt's blocks are still reserved, so rewriting them is harmless); requests arriving meanwhile
+wait for it.
+
 Inputs (batch dim 1 per request):
   input_ids          INT32 [-1]  prompt tokens
   block_table        INT32 [-1]  KV blocks reserved for the request
-  kv_pool            BYTES [1]   "decode" (local) or "executor" (offloaded)
+  kv_pool            BYTES [1]   "decode" (local) or "executor@<generation>" (offloaded)
   generation_params  BYTES [1]   JSON from preprocessing
 Outputs:
   first_token        INT32 [1]
@@ -14,14 +20,14 @@ Outputs:
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 from common import (
     check_internal,
-    device_for,
-    dtype_for,
     engine_config,
+    engine_config_path,
     error_response,
     inputs_of,
     log,
@@ -29,33 +35,27 @@ from common import (
     tensor,
     text_of,
 )
+from metrics import Sampler, WorkerMetrics
+from supervisor import WorkerGone, WorkerSupervisor
 
-from adrenaline_py.attention import TorchAttentionBackend
-from adrenaline_py.engine.prefill import PrefillItem, PrefillRunner
-from adrenaline_py.kv_cache import POOL_NAMES, KVPool
-from adrenaline_py.loader import build_model, load_checkpoint
+from adrenaline_py.engine.executor import parse_pool_label
+from adrenaline_py.kv_cache import POOL_NAMES
 from adrenaline_py.request import GenerationParams
+
+#: how long a batch waits for a restarted worker (it loads the model again)
+RESTART_WAIT_S = 300.0
 
 
 class Role:
     def initialize(self, args, config):
         self.engine = e = engine_config(config)
+        # The MPS share must be set before CUDA is touched; the worker inherits it.
         if e.device == "cuda":
             os.environ["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(e.prefill_sm_share)
         setup_process("prefill", e)
-        self.ckpt = load_checkpoint(e.model)
-        self.dtype = dtype_for(e)
-        model = build_model(self.ckpt, self.dtype, device_for(e, e.prefill_gpu), e.max_model_len, e.seed)
-        self.ckpt.state_dict = None  # the model holds the weights now
-        self.model = model
-        self.runner: PrefillRunner | None = None
-
-    def _runner(self) -> PrefillRunner:
-        # Pools are created by decode and the executor (maybe still loading): attach on first use.
-        if self.runner is None:
-            pools = {name: KVPool.attach(name, self.ckpt.config, self.engine, self.dtype) for name in POOL_NAMES}
-            self.runner = PrefillRunner(self.model, TorchAttentionBackend(), pools, self.engine.max_prefill_tokens)
-        return self.runner
+        self.worker = WorkerSupervisor("prefill", engine_config_path(config))
+        self.worker.start()
+        self._sampler = Sampler(WorkerMetrics("prefill", self.worker).update)
 
     def execute(self, requests):
         responses = [None] * len(requests)
@@ -64,12 +64,12 @@ class Role:
             try:
                 x = inputs_of(request)
                 check_internal(x, self.engine, "prefill")
-                pool = text_of(x["kv_pool"])
-                if pool not in POOL_NAMES:
-                    raise ValueError(f"kv_pool must be one of {POOL_NAMES}, got {pool!r}")
+                label = text_of(x["kv_pool"])
+                if parse_pool_label(label)[0] not in POOL_NAMES:
+                    raise ValueError(f"kv_pool must be one of {POOL_NAMES}, got {label!r}")
                 params = GenerationParams.from_json(text_of(x["generation_params"]))
-                items.append(PrefillItem(x["input_ids"].reshape(-1).tolist(), pool,
-                                         x["block_table"].reshape(-1).tolist(), params.sampling))
+                items.append((x["input_ids"].reshape(-1).tolist(), label, x["block_table"].reshape(-1).tolist(),
+                              params.sampling))
                 index.append(i)
             except PermissionError as e:
                 responses[i] = error_response(str(e))
@@ -77,14 +77,40 @@ class Role:
                 responses[i] = error_response(f"prefill: bad request: {e}")
         if items:
             try:
-                first = self._runner().run(items)
-                for i, token in zip(index, first):
-                    responses[i] = pb_utils.InferenceResponse(output_tensors=[tensor("first_token", [token], np.int32)])
+                kind, results = self._run(items)
+                if kind != "ok":
+                    raise RuntimeError(results)
+                for i, result in zip(index, results):  # a token, or why this request was refused
+                    if isinstance(result, str):
+                        responses[i] = error_response(result)
+                    else:
+                        first = tensor("first_token", [result], np.int32)
+                        responses[i] = pb_utils.InferenceResponse(output_tensors=[first])
             except Exception as e:
-                log.exception("prefill failed")
+                log.error("prefill failed: %s", e)
                 for i in index:
                     responses[i] = error_response(f"prefill failed: {type(e).__name__}: {e}")
         return responses
 
+    def _run(self, items: list[tuple]) -> tuple[str, list | str]:
+        """The worker's answer for one batch; a batch whose worker died runs once more on the next one."""
+        generation = self.worker.generation
+        for attempt in (1, 2):
+            try:
+                started = time.perf_counter()
+                _, (kind, results, worker_s) = self.worker.call(("prefill", items), wait_s=RESTART_WAIT_S)
+                hop_s = time.perf_counter() - started - worker_s  # what the worker process costs per batch
+                log.debug("prefill of %d prompts: %.2f ms in the worker, %.3f ms hop", len(items), worker_s * 1e3,
+                          hop_s * 1e3)
+                return kind, results
+            except WorkerGone as e:
+                if attempt == 2:
+                    raise
+                log.warning("%s; running the batch again on the restarted worker", e)
+                if not self.worker.wait_ready(RESTART_WAIT_S, after_generation=generation):
+                    raise
+        raise AssertionError("unreachable")
+
     def finalize(self):
-        pass
+        self._sampler.stop()
+        self.worker.stop()

@@ -8,6 +8,11 @@ KV room or for prefill do not hold up the others.
 Inputs:  input_ids INT32 [-1], generation_params BYTES [1]  (from preprocessing)
 Outputs: input_ids INT32 [-1], generation_params BYTES [1], first_token INT32 [1],
          block_table INT32 [-1], kv_pool BYTES [1]          (to decode)
+
+The executor's pool is re-created when its worker restarts (a new generation, see
+backends/adrenaline/supervisor.py): admission allocates from the live generation, and ``kv_pool``
+names it (``executor@<generation>``) so that prefill and decode never use those blocks in another
+generation's pool. A request whose generation died before prefill is admitted again.
 """
 
 from __future__ import annotations
@@ -34,55 +39,68 @@ from common import (
 from metrics import Sampler, family
 
 from adrenaline_py.engine.admission import Admission, AdmissionTimeout, Overloaded, RequestCancelled
-from adrenaline_py.engine.executor import executor_alive
+from adrenaline_py.engine.executor import STALE_POOL_ERROR, executor_state, pool_label
 from adrenaline_py.kv_cache import POOL_NAMES, BlockAllocator
 from adrenaline_py.policy import OffloadPolicy
 from adrenaline_py.request import GenerationParams, InvalidRequest
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+ADMISSION_ATTEMPTS = 3  # admissions per request when the executor restarts between admission and prefill
+STATE_CHECK_S = 0.05    # how often admission looks for a new executor generation (waiting requests poll at 5 ms)
+
+
+class GenerationAllocator(BlockAllocator):
+    """An allocator of one generation of a pool (always 0 for decode's pool)."""
+
+    generation = 0
+
+
+class StalePool(RuntimeError):
+    """The executor pool the request's blocks came from died with its worker before prefill."""
 
 
 class Role:
     def initialize(self, args, config):
         self.engine = e = engine_config(config)
         setup_process("scheduler", e)
-        self._allocators: dict[str, BlockAllocator] = {}
+        self._decode: BlockAllocator | None = None
+        self._executor: GenerationAllocator | None = None
+        self._attach_lock = threading.Lock()
+        self._checked = -STATE_CHECK_S
         self.admission = Admission(self._allocator, OffloadPolicy(e.offload, e.offload_bound), e.block_size,
                                    e.admission_timeout_s, max_waiting=e.max_queued_requests,
-                                   executor_alive=self._executor_alive)
+                                   executor_alive=lambda: executor_state(e.run_dir) is not None)
         workers = e.max_queued_requests + 2 * e.max_decode_batch  # waiting ones + those in prefill
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="admit")
-        self._last_probe = 0.0
         self.metrics = SchedulerMetrics(self.admission)
         self._sampler = Sampler(self.metrics.update)
 
     def _allocator(self, name: str) -> BlockAllocator:
-        if name not in self._allocators:
-            blocks = self.engine.num_decode_blocks if name == "decode" else self.engine.num_executor_blocks
-            self._allocators[name] = BlockAllocator.attach(self.engine.run_dir, name, blocks)
-        return self._allocators[name]
+        if name == "decode":
+            with self._attach_lock:
+                if self._decode is None:
+                    self._decode = BlockAllocator.attach(self.engine.run_dir, "decode", self.engine.num_decode_blocks)
+                return self._decode
+        # The executor's: that of the live generation, attached again after each restart. Blocks
+        # taken from a generation that just died are caught by prefill (StalePool).
+        if time.monotonic() - self._checked >= STATE_CHECK_S:
+            with self._attach_lock:
+                self._checked = time.monotonic()
+                state = executor_state(self.engine.run_dir)
+                if state is not None and (self._executor is None or self._executor.generation != state.generation):
+                    allocator = GenerationAllocator.attach(self.engine.run_dir, "executor",
+                                                           self.engine.num_executor_blocks)
+                    if executor_state(self.engine.run_dir) == state:  # not restarted again while attaching
+                        allocator.generation = state.generation
+                        self._executor = allocator
+        if self._executor is None:
+            raise StalePool("the attention executor has not started")
+        return self._executor
 
     def execute(self, requests):
         for request in requests:
             self.pool.submit(self._handle, request, request.get_response_sender())
         return None
-
-    def _executor_alive(self) -> bool:
-        if executor_alive(self.engine.run_dir):
-            return True
-        # A Triton request to a model whose stub died makes the python backend restart it.
-        now = time.monotonic()
-        if now - self._last_probe > 5.0:
-            self._last_probe = now
-            threading.Thread(target=self._probe_executor, daemon=True).start()
-        return False
-
-    def _probe_executor(self) -> None:
-        probe = pb_utils.InferenceRequest(model_name="attention", requested_output_names=["stats"],
-                                          inputs=[pb_utils.Tensor("probe", np.zeros(1, dtype=np.int32))])
-        response = probe.exec()
-        log.warning("attention executor was down; probe answered %s",
-                    response.error().message() if response.has_error() else "ok")
 
     def _handle(self, request, sender):
         ticket = None
@@ -92,9 +110,19 @@ class Role:
             input_ids = x["input_ids"].reshape(-1).astype(np.int32)
             params_json = text_of(x["generation_params"])
             params = GenerationParams.from_json(params_json)
-            ticket = self.admission.admit(len(input_ids), params.sampling.max_tokens, request.is_cancelled)
-            self.metrics.admitted[ticket.pool] += 1
-            first = self._prefill(input_ids, ticket, params_json)
+            for attempt in range(1, ADMISSION_ATTEMPTS + 1):
+                ticket = self.admission.admit(len(input_ids), params.sampling.max_tokens, request.is_cancelled)
+                self.metrics.admitted[ticket.pool] += 1
+                label = pool_label(ticket.pool, getattr(ticket.allocator, "generation", 0))
+                try:
+                    first = self._prefill(input_ids, ticket, label, params_json)
+                    break
+                except StalePool as e:
+                    self.admission.release(ticket)  # into the dead generation's pool: harmless
+                    ticket = None
+                    if attempt == ADMISSION_ATTEMPTS:
+                        raise
+                    log.warning("%s; admitting the request again", e)
             if request.is_cancelled():
                 raise RequestCancelled("request cancelled during prefill")
             sender.send(pb_utils.InferenceResponse(output_tensors=[
@@ -102,7 +130,7 @@ class Role:
                 bytes_tensor("generation_params", params_json),
                 tensor("first_token", [first], np.int32),
                 tensor("block_table", ticket.block_table, np.int32),
-                bytes_tensor("kv_pool", ticket.pool),
+                bytes_tensor("kv_pool", label),
             ]), flags=FINAL)
             ticket = None  # decode owns the blocks now
         except (InvalidRequest, AdmissionTimeout, Overloaded, RequestCancelled, PermissionError) as e:
@@ -114,16 +142,8 @@ class Role:
             if ticket is not None:
                 self.admission.release(ticket)
 
-    def _prefill(self, input_ids: np.ndarray, ticket, params_json: str) -> int:
-        """First token from prefill; one retry covers a prefill stub that died and was restarted."""
-        try:
-            return self._prefill_once(input_ids, ticket, params_json)
-        except RuntimeError as e:
-            log.warning("prefill failed (%s); retrying once", e)
-            time.sleep(1.0)
-            return self._prefill_once(input_ids, ticket, params_json)
-
-    def _prefill_once(self, input_ids: np.ndarray, ticket, params_json: str) -> int:
+    def _prefill(self, input_ids: np.ndarray, ticket, label: str, params_json: str) -> int:
+        """First token from prefill (whose stub runs a batch again itself if its worker dies)."""
         assert ticket.pool in POOL_NAMES
         response = pb_utils.InferenceRequest(
             model_name="prefill",
@@ -131,13 +151,14 @@ class Role:
             inputs=[
                 pb_utils.Tensor("input_ids", input_ids[None, :]),
                 pb_utils.Tensor("block_table", np.asarray(ticket.block_table, dtype=np.int32)[None, :]),
-                pb_utils.Tensor("kv_pool", np.array([[ticket.pool.encode()]], dtype=np.object_)),
+                pb_utils.Tensor("kv_pool", np.array([[label.encode()]], dtype=np.object_)),
                 pb_utils.Tensor("generation_params", np.array([[params_json.encode()]], dtype=np.object_)),
                 internal_token_tensor(self.engine),
             ],
         ).exec()
         if response.has_error():
-            raise RuntimeError(response.error().message())
+            message = response.error().message()
+            raise (StalePool if message.startswith(STALE_POOL_ERROR) else RuntimeError)(message)
         return int(pb_utils.get_output_tensor_by_name(response, "first_token").as_numpy().reshape(-1)[0])
 
     def finalize(self):

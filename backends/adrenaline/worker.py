@@ -1,0 +1,174 @@
+"""Worker process of a supervised role (see supervisor.py): the attention executor or prefill.
+
+    python worker.py attention|prefill <engine.json> <generation> <channel fd>
+
+It first reads its init message from the channel, reports ("ready", info) once it can serve, then
+answers one reply per request until the channel closes (its stub finalized or died), and exits.
+
+attention: init = the model's ModelConfig. Creates the executor's KV pool (every block free) and
+  offload buffers, publishes ``executor.pid`` = {pid, generation} last and serves decode over its
+  socket; requests: ("stats",).
+prefill: init = None. Loads the model; requests: ("prefill", [(input_ids, kv_pool label, block_table,
+  SamplingParams), ...]) → ("ok", [first token | error message per item]) or ("error", message).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+from supervisor import Channel  # noqa: E402
+
+from adrenaline_py.config import EngineConfig  # noqa: E402
+from adrenaline_py.engine.executor import (  # noqa: E402
+    STALE_POOL_ERROR,
+    AttentionExecutor,
+    clear_executor_state,
+    executor_state,
+    parse_pool_label,
+)
+
+log = logging.getLogger("adrenaline.worker")
+
+
+def _device(engine: EngineConfig) -> torch.device:
+    return torch.device("cpu") if engine.device == "cpu" else torch.device(f"cuda:{engine.prefill_gpu}")
+
+
+def discard_previous_regions(run_dir: str | Path) -> None:
+    """Unlink the regions of the previous executor before creating new ones.
+
+    Prefill and decode may still map them; unlinked, their memory stays valid until they let go,
+    whereas re-creating a region in place would truncate it under them (SIGBUS on CPU). A process
+    that attaches later finds only the new regions (kv_cache.py and transport.py name them).
+    """
+    for pattern in ("executor.*.shm", "executor.*.ready", "offload.*.shm", "offload.*.ready"):
+        for path in Path(run_dir).glob(pattern):
+            path.unlink(missing_ok=True)
+
+
+def serve_attention(engine: EngineConfig, generation: int, chan: Channel, config) -> None:
+    torch.set_num_threads(int(os.environ.get("ADRENALINE_TORCH_THREADS", "0")) or 1)
+    discard_previous_regions(engine.run_dir)
+    executor = AttentionExecutor(config, engine, getattr(torch, engine.dtype), _device(engine), generation=generation)
+    executor.start()
+    chan.send(("ready", {"pid": os.getpid(), "generation": generation}))
+    try:
+        while True:
+            kind = chan.recv()[0]
+            if kind == "stats":
+                a = executor.pool.allocator
+                chan.send({"steps": executor.num_steps, "num_free_blocks": a.num_free, "num_blocks": a.num_blocks,
+                           "num_seqs": a.num_seqs, "generation": generation})
+            else:
+                chan.send({"error": f"unknown request {kind!r}"})
+    except OSError:  # the stub closed the channel (ConnectionError): stop
+        pass
+    finally:
+        clear_executor_state(engine.run_dir, os.getpid())
+        executor.stop()
+
+
+class PrefillWorker:
+    """The prefill model and the pools it writes into; the executor's pool of the live generation."""
+
+    def __init__(self, engine: EngineConfig) -> None:
+        from adrenaline_py.attention import make_attention_backend
+        from adrenaline_py.loader import build_model, load_checkpoint
+
+        self.engine = engine
+        self.dtype = getattr(torch, engine.dtype)
+        ckpt = load_checkpoint(engine.model)
+        self.config = ckpt.config
+        self.model = build_model(ckpt, self.dtype, _device(engine), engine.max_model_len, engine.seed)
+        ckpt.state_dict = None  # the model holds the weights now
+        self.backend = make_attention_backend(_device(engine))
+        self.pools: dict = {}
+        self.executor_generation = -1
+
+    def _executor_pool_error(self, generation: int) -> str | None:
+        """None when the executor pool of ``generation`` is the live one (attached), else why not."""
+        from adrenaline_py.kv_cache import KVPool
+
+        state = executor_state(self.engine.run_dir)
+        if state is None or state.generation != generation:
+            now = f"generation {state.generation} runs now" if state else "no executor runs now"
+            return f"{STALE_POOL_ERROR}: the request's blocks are in executor generation {generation}; {now}"
+        if self.executor_generation != generation:
+            pool = KVPool.attach("executor", self.config, self.engine, self.dtype)
+            if executor_state(self.engine.run_dir) != state:  # restarted while attaching
+                return f"{STALE_POOL_ERROR}: executor generation {generation} stopped"
+            self.pools["executor"], self.executor_generation = pool, generation
+        return None
+
+    def run(self, items: list[tuple]) -> list[int | str]:
+        from adrenaline_py.engine.prefill import PrefillItem, PrefillRunner
+        from adrenaline_py.kv_cache import KVPool
+
+        # Decode creates its pool while it loads: attach on first use (model load order is free).
+        if "decode" not in self.pools:
+            self.pools["decode"] = KVPool.attach("decode", self.config, self.engine, self.dtype)
+        results: list[int | str] = [""] * len(items)
+        batch, index = [], []
+        for i, (input_ids, label, block_table, sampling) in enumerate(items):
+            pool, generation = parse_pool_label(label)
+            if pool == "executor" and (error := self._executor_pool_error(generation)):
+                results[i] = error
+                continue
+            batch.append(PrefillItem(input_ids, pool, block_table, sampling))
+            index.append(i)
+        if batch:
+            runner = PrefillRunner(self.model, self.backend, self.pools, self.engine.max_prefill_tokens)
+            for i, token in zip(index, runner.run(batch)):
+                results[i] = int(token)
+        return results
+
+
+def serve_prefill(engine: EngineConfig, generation: int, chan: Channel, init: None) -> None:
+    torch.set_num_threads(int(os.environ.get("ADRENALINE_TORCH_THREADS", "0")) or max(1, (os.cpu_count() or 2) // 2))
+    worker = PrefillWorker(engine)
+    chan.send(("ready", {"pid": os.getpid(), "generation": generation}))
+    while True:
+        try:
+            kind, items = chan.recv()
+        except OSError:
+            return  # the stub closed the channel (ConnectionError): stop
+        if kind != "prefill":
+            chan.send(("error", f"unknown request {kind!r}", 0.0))
+            continue
+        started = time.perf_counter()
+        try:
+            reply = ("ok", worker.run(items))
+        except Exception as e:
+            log.exception("prefill failed")
+            reply = ("error", f"{type(e).__name__}: {e}")
+        try:
+            chan.send((*reply, time.perf_counter() - started))
+        except OSError:
+            return  # the stub went away while we computed
+
+
+def main(argv: list[str]) -> int:
+    role, config_path, generation, fd = argv[0], argv[1], int(argv[2]), int(argv[3])
+    logging.basicConfig(level=os.environ.get("ADRENALINE_LOG_LEVEL", "INFO"),
+                        format=f"%(asctime)s {role}-worker[{generation}] %(levelname)s %(name)s: %(message)s")
+    engine = EngineConfig.load(config_path)
+    chan = Channel(socket.socket(fileno=fd))
+    serve = {"attention": serve_attention, "prefill": serve_prefill}[role]
+    try:
+        init = chan.recv()
+    except OSError:
+        return 0  # the stub went away before we started
+    serve(engine, generation, chan, init)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
