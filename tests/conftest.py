@@ -1,3 +1,6 @@
+import socket
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -27,3 +30,30 @@ def small_engine_config(**kw) -> EngineConfig:
                 max_decode_batch=16, block_size=16)
     base.update(kw)
     return EngineConfig(**base)
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def start_test_server(log_path: Path, **engine):
+    """A tritonserver on free loopback ports with `small_engine_config(**engine)`; the launcher picks the
+    run directory. Prints the end of the server log when start-up fails."""
+    from adrenaline_py.serving.launcher import Server, ServerOptions
+
+    http, grpc_port, metrics = free_ports(3)
+    server = Server(small_engine_config(run_dir="", **engine),
+                    ServerOptions(http_port=http, grpc_port=grpc_port, metrics_port=metrics, startup_timeout_s=300),
+                    log_path=log_path)
+    try:
+        server.__enter__()
+    except BaseException:
+        print(log_path.read_text()[-5000:] if log_path.exists() else "no server log")
+        raise
+    return server

@@ -13,23 +13,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import small_engine_config
-from test_server import _free_ports, generate
+from conftest import start_test_server
+from test_server import generate
 
-from adrenaline_py.serving.launcher import Server, ServerOptions
+from adrenaline_py.serving.launcher import Server
 
 pytestmark = pytest.mark.server
 
 
 def _server(tmp_path_factory, name: str, **engine) -> Server:
-    http, grpc_port, metrics = _free_ports(3)
-    cfg = small_engine_config(model="smollm2", max_model_len=1024, max_tokens_limit=512, **engine)
-    cfg = type(cfg)(**{**cfg.__dict__, "run_dir": ""})
-    log = tmp_path_factory.mktemp(name) / "server.log"
-    server = Server(cfg, ServerOptions(http_port=http, grpc_port=grpc_port, metrics_port=metrics,
-                                       startup_timeout_s=300), log_path=log)
-    server.__enter__()
-    return server
+    return start_test_server(tmp_path_factory.mktemp(name) / "server.log", model="smollm2", max_model_len=1024,
+                             max_tokens_limit=512, **engine)
 
 
 def metrics(server: Server) -> dict[str, float]:

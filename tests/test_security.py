@@ -26,8 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import small_engine_config
-from test_server import _free_ports
+from conftest import small_engine_config, start_test_server
 
 from adrenaline_py.serving.launcher import DEFAULT_API_KEY_HEADER, Server, ServerOptions
 from adrenaline_py.serving.triton_runtime import DEFAULT_RESTRICTED_APIS, TritonRuntime
@@ -42,18 +41,8 @@ FUZZ_GRPC_EXAMPLES = int(os.environ.get("ADRENALINE_FUZZ_GRPC_EXAMPLES", "1500")
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    http, grpc_port, metrics = _free_ports(3)
-    engine = small_engine_config(model="dummy:tiny", max_model_len=MAX_MODEL_LEN, max_tokens_limit=MAX_TOKENS_LIMIT,
-                                 admission_timeout_s=10.0)
-    engine = type(engine)(**{**engine.__dict__, "run_dir": ""})
-    log = tmp_path_factory.mktemp("security") / "server.log"
-    server = Server(engine, ServerOptions(http_port=http, grpc_port=grpc_port, metrics_port=metrics,
-                                          startup_timeout_s=300), log_path=log)
-    try:
-        server.__enter__()
-    except BaseException:
-        print(log.read_text()[-5000:] if log.exists() else "no server log")
-        raise
+    server = start_test_server(tmp_path_factory.mktemp("security") / "server.log", model="dummy:tiny",
+                               max_model_len=MAX_MODEL_LEN, max_tokens_limit=MAX_TOKENS_LIMIT, admission_timeout_s=10.0)
     yield server
     server.stop()
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import queue
-import socket
 import subprocess
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -12,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import greedy, small_engine_config
+from conftest import greedy, small_engine_config, start_test_server
 
-from adrenaline_py.serving.launcher import Server, ServerOptions
+from adrenaline_py.serving.launcher import Server
 
 pytestmark = pytest.mark.server
 
@@ -31,30 +30,10 @@ PROMPTS = [
 MAX_TOKENS = 24
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def _start(tmp_path_factory, offload: str) -> Server:
-    http, grpc_port, metrics = _free_ports(3)
-    engine = small_engine_config(model="smollm2", offload=offload, max_model_len=1024, max_tokens_limit=512,
-                                 num_decode_blocks=512, num_executor_blocks=512, max_decode_batch=32)
-    engine = type(engine)(**{**engine.__dict__, "run_dir": ""})
-    log = tmp_path_factory.mktemp(f"server-{offload}") / "server.log"
-    server = Server(engine, ServerOptions(http_port=http, grpc_port=grpc_port, metrics_port=metrics,
-                                          startup_timeout_s=300), log_path=log)
-    try:
-        server.__enter__()
-    except BaseException:
-        print(log.read_text()[-5000:] if log.exists() else "no server log")
-        raise
-    return server
+    return start_test_server(tmp_path_factory.mktemp(f"server-{offload}") / "server.log", model="smollm2",
+                             offload=offload, max_model_len=1024, max_tokens_limit=512, num_decode_blocks=512,
+                             num_executor_blocks=512, max_decode_batch=32)
 
 
 @pytest.fixture(scope="module")

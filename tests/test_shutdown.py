@@ -20,8 +20,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import small_engine_config
-from test_server import _free_ports
+from conftest import free_ports, small_engine_config
 
 from adrenaline_py.serving.launcher import Server, ServerOptions
 
@@ -111,7 +110,7 @@ def _leftovers(before: set[str]) -> set[str]:
 
 class Launcher:
     def __init__(self, tmp_path: Path, *args: str, drain_timeout: float = 30.0, stop_grace: float = 30.0):
-        self.http, self.grpc, self.metrics = _free_ports(3)
+        self.http, self.grpc, self.metrics = free_ports(3)
         self.log_path = tmp_path / "launcher.log"
         self.drain_timeout = drain_timeout
         self.stop_grace = stop_grace
@@ -366,9 +365,8 @@ def test_crashed_tritonserver_stubs_and_shm_regions_are_removed_by_stop(tmp_path
     """SIGKILL of tritonserver leaves its stubs running and its shm regions in /dev/shm;
     Server.stop() ends the stubs (same process group) and removes the regions it recorded."""
     before = _shm_listing()
-    http, grpc_port, metrics = _free_ports(3)
-    engine = small_engine_config(model="dummy:tiny")
-    engine = type(engine)(**{**engine.__dict__, "run_dir": ""})
+    http, grpc_port, metrics = free_ports(3)
+    engine = small_engine_config(model="dummy:tiny", run_dir="")
     server = Server(engine, ServerOptions(http_port=http, grpc_port=grpc_port, metrics_port=metrics,
                                           startup_timeout_s=START_TIMEOUT_S), log_path=tmp_path / "server.log")
     try:

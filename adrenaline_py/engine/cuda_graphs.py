@@ -90,7 +90,7 @@ class DecodeGraphs:
         if keys is None:
             keys = [(b, c) for b in self.batch_buckets for c in self.context_buckets]
         for key in sorted(keys, reverse=True):
-            self._graph(key)
+            self.graph(key)
 
     @property
     def num_graphs(self) -> int:
@@ -105,11 +105,11 @@ class DecodeGraphs:
         meta = DecodeMetadata(self.kv, tables, lens, slots, c)
         return self.model(ids, positions, self.backend, meta)
 
-    def _graph(self, key: tuple[int, int]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def graph(self, key: tuple[int, int]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """The graph of a (batch bucket, context bucket) and its output buffer, captured on first use."""
         if key in self._graphs:
             return self._graphs[key]
         b, c = key
-        saved = self.inputs.clone()
         self._set_padding(0)  # every row a padding row: the warm-up and capture store nothing
         # Warm up on a side stream first (Triton compiles, cuBLAS picks kernels), as capture requires.
         stream = torch.cuda.Stream(self.device)
@@ -120,7 +120,6 @@ class DecodeGraphs:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
             hidden = self._forward(b, c)
-        self.inputs.copy_(saved)
         self._graphs[key] = (graph, hidden)
         return self._graphs[key]
 
@@ -157,7 +156,7 @@ class DecodeGraphs:
         key = self.buckets_for(n, max(seq_lens))
         if key is None or len(set(keys)) != n:
             return None
-        graph, hidden = self._graph(key)
+        graph, hidden = self.graph(key)
         b = key[0]
         self._copied.synchronize()  # the last step's async copy has read the staging buffer
         h = self._host_inputs
