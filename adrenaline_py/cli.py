@@ -1,4 +1,4 @@
-"""The `adrenaline` command: `serve` (tritonserver), `generate` (in-process, no server), `bench engine`."""
+"""The `adrenaline` command: `serve` (tritonserver), `generate` (in-process, no server), `bench engine|offload`."""
 
 from __future__ import annotations
 
@@ -43,6 +43,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="requests that may wait for KV room at once; beyond it new ones are rejected at once")
     g.add_argument("--seed", type=int, default=d.seed, help="seed of dummy weights")
     g.add_argument("--no-cuda-graphs", action="store_true", help="run every decode step eagerly (cuda only)")
+    g.add_argument("--offload-timeout", type=float, default=d.offload_timeout_s,
+                   help="seconds an offloaded step may stall before the executor is killed and replaced")
 
 
 def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
@@ -56,7 +58,7 @@ def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
         num_executor_blocks=a.num_executor_blocks, max_decode_batch=a.max_decode_batch,
         max_prefill_tokens=a.max_prefill_tokens, num_sender_threads=a.num_sender_threads,
         admission_timeout_s=a.admission_timeout, max_queued_requests=a.max_queued_requests, seed=a.seed,
-        cuda_graphs=not a.no_cuda_graphs,
+        cuda_graphs=not a.no_cuda_graphs, offload_timeout_s=a.offload_timeout,
     )
 
 
@@ -160,6 +162,12 @@ def main(argv: list[str] | None = None) -> int:
 
     bench_mod.add_arguments(be)
     be.set_defaults(func=bench_mod.main)
+    bo = bench.add_parser("offload", help="offloaded decode steps on two GPUs next to the all-local step (GPU)",
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from adrenaline_py import bench_offload
+
+    bench_offload.add_arguments(bo)
+    bo.set_defaults(func=bench_offload.main)
 
     a = parser.parse_args(argv)
     try:

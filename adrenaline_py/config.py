@@ -166,7 +166,8 @@ class EngineConfig:
     run_dir: str = "/tmp/adrenaline"   # shared-memory names, sockets and logs of one server run
     internal_token: str = ""           # secret the internal models (scheduler, prefill) require; set per run
     seed: int = 0                      # weights seed for dummy models
-    cuda_graphs: bool = True           # decode steps without offloaded rows replay CUDA graphs (CUDA only)
+    cuda_graphs: bool = True           # decode and executor steps replay CUDA graphs (CUDA only)
+    offload_timeout_s: float = 60.0    # an offloaded step stalled this long: the executor is killed and replaced
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from adrenaline_py.config import EngineConfig, ModelConfig
+from adrenaline_py.placement import Placement
 from adrenaline_py.shm import attach_shared_tensor, create_shared_tensor
 
 POOL_NAMES = ("decode", "executor")
@@ -133,12 +134,13 @@ class KVPool:
         """Owner side (decode for ``decode``, the attention executor for ``executor``)."""
         num_blocks = _pool_blocks(name, engine)
         kv = create_shared_tensor(engine.run_dir, f"{name}.kv", cls.shape(model, num_blocks, engine.block_size), dtype,
-                                  pool_device(name, engine))
+                                  Placement.of(engine).pool_device(name))
         allocator = BlockAllocator.create(engine.run_dir, name, num_blocks)
         return cls(name, kv, allocator, engine.block_size)
 
     @classmethod
     def attach(cls, name: str, model: ModelConfig, engine: EngineConfig, dtype: torch.dtype) -> KVPool:
+        """Another role's pool, as a tensor of this thread's device (through NVLink if it lives on the other GPU)."""
         num_blocks = _pool_blocks(name, engine)
         kv = attach_shared_tensor(engine.run_dir, f"{name}.kv", cls.shape(model, num_blocks, engine.block_size), dtype)
         allocator = BlockAllocator.attach(engine.run_dir, name, num_blocks)
@@ -149,13 +151,6 @@ class KVPool:
         pos = torch.arange(start, end)
         blocks = torch.tensor(block_table, dtype=torch.long)[pos // self.block_size]
         return blocks * self.block_size + pos % self.block_size
-
-
-def pool_device(name: str, engine: EngineConfig) -> torch.device:
-    """Where a pool lives: decode's on the decode GPU, the executor's on the prefill GPU."""
-    if engine.device == "cpu":
-        return torch.device("cpu")
-    return torch.device(f"cuda:{engine.decode_gpu if name == 'decode' else engine.prefill_gpu}")
 
 
 def _pool_blocks(name: str, engine: EngineConfig) -> int:

@@ -1,32 +1,62 @@
 """Decode ↔ attention-executor data plane: per-layer q/k/v out, attention output back.
 
-Protocol (one decode step with N offloaded rows):
-  1. decode → executor: one STEP frame (`OffloadStep`: which sequences joined or left, the order
-     of the N rows and their context lengths). Block allocation is not on this path: blocks were
-     reserved by the scheduler at admission.
-  2. per layer l: decode writes the N rows' post-RoPE q/k/v into layer l's slot of the shared
-     buffers and sends a LAYER(l) doorbell; it then runs local attention for its own M rows.
-  3. the executor appends k/v to its paged pool, runs attention, writes the output into the
-     shared buffer and answers OUT(l); decode waits for it only when it needs the rows.
-No Triton request is on this path. On CPU the buffers are POSIX shared memory and the doorbells
-are bytes on a Unix socket; on GPUs the buffers are CUDA IPC memory (same framing).
+Protocol of one decode step with N offloaded rows (N padded to the step's bucket):
+
+1. control, once per step: decode sends a STEP frame on the executor's socket (`OffloadStep`:
+   which sequences joined, with their block tables, which left, the order of the rows and their
+   context lengths). Block allocation is not on this path: blocks were reserved at admission.
+2. data, per layer l: decode writes the rows' post-RoPE q/k/v into the exchange buffer and signals
+   layer l, then runs local attention for its own rows; the executor stores k/v into its pool,
+   runs attention, writes the output into the exchange buffer and signals back; decode waits for
+   that signal only when it needs the rows (after its local attention).
+
+Two implementations of that data plane share the interface (`OffloadTransport` on decode's side,
+`ExecutorEndpoint` on the executor's side) and the control socket:
+
+- **host** (CPU): the exchange buffers are POSIX shared memory and the per-layer signals are
+  LAYER/OUT bytes on the socket;
+- **device** (CUDA): the exchange buffers live in decode's GPU memory; the executor's kernels read
+  q/k/v and write outputs there directly through NVLink (peer access; the buffers are tensors of
+  the executor's own device, see adrenaline_py/shm.py), and the signals are flags in that memory
+  written with release and polled with acquire semantics at system scope by one-warp Triton
+  kernels. No host synchronization and no host round trip per layer; every per-layer operation
+  is a kernel, so a whole step (either side's) can be captured in one CUDA graph. Measured
+  against the alternatives in adrenaline_py/bench_handoff.py.
+
+Decode owns all exchange memory (so its captured graphs survive an executor restart). Each
+connection gets a random *epoch*: a signal writes the epoch, a wait waits for it and resets the
+flag to 0, so a late write of an earlier connection never releases a wait of the current one.
+A wait never hangs forever: on a dead or stalled executor decode's watchdog releases decode's own
+waits from the host, and the step is redone after recovery (adrenaline_py/engine/decode.py).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import pickle
+import random
+import select
+import signal
 import socket
 import struct
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from adrenaline_py.config import EngineConfig, ModelConfig
-from adrenaline_py.kv_cache import pool_device
 from adrenaline_py.shm import attach_shared_tensor, create_shared_tensor
+from adrenaline_py.triton_support import tl, triton
 
-_STEP, _LAYER, _OUT, _ERROR = b"S", b"L", b"O", b"E"
+log = logging.getLogger(__name__)
+
+_HELLO, _STEP, _LAYER, _OUT, _ERROR = b"H", b"S", b"L", b"O", b"E"
 _INT = struct.Struct("<i")
 
 
@@ -39,44 +69,110 @@ class OffloadStep:
     left: list[int] = field(default_factory=list)              # seq ids that finished
     seq_ids: list[int] = field(default_factory=list)           # the N rows, in batch order
     seq_lens: list[int] = field(default_factory=list)          # [N] context incl. the new token
+    num_rows: int = 0                                          # rows exchanged: N plus padding (graph bucket)
 
 
 class ExecutorGone(RuntimeError):
     """The attention executor is unreachable or failed; offloaded rows cannot be served."""
 
 
-@dataclass
-class OffloadBuffers:
-    """Shared per-layer slots: q/out [L, max_rows, Hq, D], k/v [L, max_rows, Hkv, D]."""
-
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    out: torch.Tensor
-
-    @staticmethod
-    def _shapes(model: ModelConfig, max_rows: int) -> dict[str, tuple[int, ...]]:
-        L, hq, hkv, d = model.num_hidden_layers, model.num_attention_heads, model.num_key_value_heads, model.head_dim
-        return {"q": (L, max_rows, hq, d), "k": (L, max_rows, hkv, d), "v": (L, max_rows, hkv, d),
-                "out": (L, max_rows, hq, d)}
-
-    @classmethod
-    def create(cls, model: ModelConfig, engine: EngineConfig, dtype: torch.dtype) -> OffloadBuffers:
-        shapes = cls._shapes(model, engine.max_decode_batch)
-        # On GPUs the buffers live with the executor (GPU P): it reads q/k/v and writes out there.
-        device = pool_device("executor", engine)
-        return cls(**{n: create_shared_tensor(engine.run_dir, f"offload.{n}", s, dtype, device)
-                      for n, s in shapes.items()})
-
-    @classmethod
-    def attach(cls, model: ModelConfig, engine: EngineConfig, dtype: torch.dtype) -> OffloadBuffers:
-        shapes = cls._shapes(model, engine.max_decode_batch)
-        return cls(**{n: attach_shared_tensor(engine.run_dir, f"offload.{n}", s, dtype) for n, s in shapes.items()})
-
-
 def socket_path(engine: EngineConfig) -> Path:
     return Path(engine.run_dir) / "executor.sock"
 
+
+# --- exchange memory ------------------------------------------------------------------------------
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+@dataclass
+class ExchangeBuffers:
+    """Decode-owned buffers of the per-layer exchange (one slot: layer l + 1 is written only after
+    layer l's output was read, on both sides).
+
+    qkv:  [R, (Hq + 2 Hkv) D]  the offloaded rows' post-RoPE q | k | v, in the model dtype
+    out:  [R, Hq, D]           their attention output
+    ctrl: int32, device variant only: [0] the connection's epoch; q flags at ``q_flags`` (decode →
+          executor: layer l's q/k/v are in place), o flags at ``o_flags`` (executor → decode)
+    """
+
+    qkv: torch.Tensor
+    out: torch.Tensor
+    ctrl: torch.Tensor | None
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    NAMES = ("offload.qkv", "offload.out", "offload.ctrl")
+
+    @staticmethod
+    def shapes(model: ModelConfig, engine: EngineConfig) -> dict[str, tuple[int, ...]]:
+        hq, hkv, d = model.num_attention_heads, model.num_key_value_heads, model.head_dim
+        rows = engine.max_decode_batch
+        ctrl = 32 + 2 * _round_up(model.num_hidden_layers, 32)  # separate 128-byte lines for q and o flags
+        return {"offload.qkv": (rows, (hq + 2 * hkv) * d), "offload.out": (rows, hq, d), "offload.ctrl": (ctrl,)}
+
+    @classmethod
+    def create(cls, model: ModelConfig, engine: EngineConfig, dtype: torch.dtype, device: torch.device,
+               ) -> ExchangeBuffers:
+        return cls._make(model, engine, dtype, device, create=True)
+
+    @classmethod
+    def attach(cls, model: ModelConfig, engine: EngineConfig, dtype: torch.dtype, device: torch.device,
+               ) -> ExchangeBuffers:
+        return cls._make(model, engine, dtype, device, create=False)
+
+    @classmethod
+    def _make(cls, model, engine, dtype, device, create: bool) -> ExchangeBuffers:
+        shapes = cls.shapes(model, engine)
+        names = cls.NAMES if device.type == "cuda" else cls.NAMES[:2]
+
+        def region(name: str) -> torch.Tensor:
+            dt = torch.int32 if name == "offload.ctrl" else dtype
+            if create:
+                return create_shared_tensor(engine.run_dir, name, shapes[name], dt, device)
+            kw = {"device": device.index} if device.type == "cuda" else {}
+            return attach_shared_tensor(engine.run_dir, name, shapes[name], dt, **kw)
+
+        t = {name: region(name) for name in names}
+        return cls(t["offload.qkv"], t["offload.out"], t.get("offload.ctrl"), model.num_attention_heads,
+                   model.num_key_value_heads, model.head_dim)
+
+    @property
+    def q_flags(self) -> int:
+        return 32
+
+    @property
+    def o_flags(self) -> int:
+        return 32 + (self.ctrl.shape[0] - 32) // 2
+
+    def split(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [n, Hq, D], k and v [n, Hkv, D]: views of the first n rows."""
+        qd, kd = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        rows = self.qkv[:n]
+        return (rows[:, :qd].view(n, self.num_heads, self.head_dim),
+                rows[:, qd:qd + kd].view(n, self.num_kv_heads, self.head_dim),
+                rows[:, qd + kd:].view(n, self.num_kv_heads, self.head_dim))
+
+    def store_rows(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write the rows' q/k/v: one copy when they are adjacent views of one qkv row (the model's case)."""
+        n = q.shape[0]
+        width = self.qkv.shape[1]
+        elem = q.element_size()
+        qd, kd = q.shape[1] * q.shape[2], k.shape[1] * k.shape[2]
+        if (q.stride(0) == width and k.stride(0) == width and v.stride(0) == width
+                and k.data_ptr() == q.data_ptr() + qd * elem and v.data_ptr() == k.data_ptr() + kd * elem
+                and q.stride(2) == 1 and q.stride(1) == q.shape[2] and q.dtype == self.qkv.dtype):
+            self.qkv[:n].copy_(torch.as_strided(q, (n, width), (width, 1)))
+            return
+        dq, dk, dv = self.split(n)
+        dq.copy_(q)
+        dk.copy_(k)
+        dv.copy_(v)
+
+
+# --- the control socket (both variants) -----------------------------------------------------------
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
     buf = bytearray()
@@ -88,42 +184,150 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
-class OffloadClient:
-    """Decode side: one connection to the executor."""
+class Channel:
+    """Framing on one decode ↔ executor connection: HELLO(epoch), STEP, LAYER(l), OUT(l), ERROR(text)."""
 
-    def __init__(self, model: ModelConfig, engine: EngineConfig, dtype: torch.dtype,
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def send_hello(self, epoch: int) -> None:
+        self.sock.sendall(_HELLO + _INT.pack(epoch))
+
+    def send_step(self, step: OffloadStep) -> None:
+        payload = pickle.dumps(step, protocol=pickle.HIGHEST_PROTOCOL)
+        self.sock.sendall(_STEP + _INT.pack(len(payload)) + payload)
+
+    def send_layer(self, layer: int) -> None:
+        self.sock.sendall(_LAYER + _INT.pack(layer))
+
+    def send_out(self, layer: int) -> None:
+        self.sock.sendall(_OUT + _INT.pack(layer))
+
+    def send_error(self, message: str) -> None:
+        data = message.encode()
+        self.sock.sendall(_ERROR + _INT.pack(len(data)) + data)
+
+    def read_frame(self) -> tuple[bytes, int | OffloadStep | str]:
+        kind = _recv_exact(self.sock, 1)
+        value = _INT.unpack(_recv_exact(self.sock, _INT.size))[0]
+        if kind == _STEP:
+            return kind, pickle.loads(_recv_exact(self.sock, value))
+        if kind == _ERROR:
+            return kind, _recv_exact(self.sock, value).decode()
+        if kind in (_HELLO, _LAYER, _OUT):
+            return kind, value
+        raise ConnectionError(f"unexpected frame {kind!r}")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+HELLO_FRAME, STEP_FRAME, LAYER_FRAME, OUT_FRAME, ERROR_FRAME = _HELLO, _STEP, _LAYER, _OUT, _ERROR
+
+
+# --- flags on the GPU -----------------------------------------------------------------------------
+
+if triton is not None:
+
+    @triton.jit
+    def _signal_kernel(ctrl_ptr, index):
+        # release at system scope: the exchange data written before (earlier kernels of this
+        # stream) is visible to the other GPU before the flag is
+        epoch = tl.load(ctrl_ptr)
+        tl.atomic_xchg(ctrl_ptr + index, epoch, sem="release", scope="sys")
+
+    @triton.jit
+    def _wait_kernel(ctrl_ptr, index):
+        epoch = tl.load(ctrl_ptr)
+        seen = tl.atomic_add(ctrl_ptr + index, 0, sem="acquire", scope="sys")
+        while seen != epoch:
+            seen = tl.atomic_add(ctrl_ptr + index, 0, sem="acquire", scope="sys")
+        tl.atomic_xchg(ctrl_ptr + index, 0, sem="relaxed", scope="sys")
+
+
+def signal_flag(ctrl: torch.Tensor, index: int) -> None:
+    """Set flag ``index`` to the epoch once this stream's earlier work is done (one warp)."""
+    _signal_kernel[(1,)](ctrl, index, num_warps=1)
+
+
+def wait_flag(ctrl: torch.Tensor, index: int) -> None:
+    """This stream's later work starts once flag ``index`` holds the epoch; the flag is reset to 0."""
+    _wait_kernel[(1,)](ctrl, index, num_warps=1)
+
+
+def warm_up_flag_kernels(device: torch.device) -> None:
+    """Compile the flag kernels before any graph capture (compiling inside a capture is not allowed)."""
+    scratch = torch.zeros(4, dtype=torch.int32, device=device)
+    scratch[0] = 7
+    signal_flag(scratch, 1)
+    wait_flag(scratch, 1)
+    # this stream only: a device-wide sync would wait for a peer's spinning wait (one GPU, one process)
+    torch.cuda.current_stream(device).synchronize()
+
+
+def _new_epoch() -> int:
+    return random.randrange(1, 2**31 - 1)
+
+
+# --- decode's side --------------------------------------------------------------------------------
+
+class OffloadTransport(ABC):
+    """Decode's end of the data plane: one connection to the executor, the exchange buffers it owns."""
+
+    #: whether `send`/`recv` only enqueue device work (and so can be captured in a CUDA graph)
+    capturable = False
+
+    def __init__(self, model: ModelConfig, engine: EngineConfig, dtype: torch.dtype, device: torch.device,
                  timeout_s: float = 60.0) -> None:
-        self._model, self._engine, self._dtype = model, engine, dtype
-        self._timeout_s = timeout_s
-        self._sock: socket.socket | None = None
-        self._buffers: OffloadBuffers | None = None
-        self._num_rows = 0
+        self.model, self.engine, self.device = model, engine, device
+        self.timeout_s = timeout_s
+        self.buffers = ExchangeBuffers.create(model, engine, dtype, device)
+        self.channel: Channel | None = None
+        self.epoch = 0
         self._known: set[int] = set()
         self._step_id = 0
+        self._dry = False
 
-    def _connect(self) -> None:
-        if self._sock is not None:
+    # control ----------------------------------------------------------------------------------------
+    def connect(self) -> None:
+        if self.channel is not None:
             return
-        self._buffers = OffloadBuffers.attach(self._model, self._engine, self._dtype)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self._timeout_s)
+        sock.settimeout(self.timeout_s)
         try:
-            sock.connect(str(socket_path(self._engine)))
+            sock.connect(str(socket_path(self.engine)))
         except OSError as e:
             sock.close()
             raise ExecutorGone(f"cannot reach the attention executor: {e}") from e
-        self._sock = sock
+        self.epoch = _new_epoch()
+        self._on_connect()
+        self.channel = Channel(sock)
+        try:
+            self.channel.send_hello(self.epoch)
+        except OSError as e:
+            self.close()
+            raise ExecutorGone(f"attention executor failed: {e}") from e
         self._known.clear()
 
-    def close(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-        self._sock = None
+    def _on_connect(self) -> None:
+        """Prepare the exchange for a new connection (before HELLO is sent)."""
+        return None
 
-    def begin_step(self, seq_ids: list[int], block_tables: dict[int, list[int]], seq_lens: list[int]) -> None:
+    def close(self) -> None:
+        """End the connection (the next step connects anew, with a new epoch)."""
+        if self.channel is not None:
+            self.channel.close()
+        self.channel = None
+
+    def shutdown(self) -> None:
+        """For good (server stop)."""
+        self.close()
+
+    def begin_step(self, seq_ids: list[int], block_tables: dict[int, list[int]], seq_lens: list[int],
+                   num_rows: int | None = None) -> None:
         """Send this step's schedule: rows in order; new sequences carry their block table."""
         try:
-            self._connect()
+            self.connect()
             current = set(seq_ids)
             step = OffloadStep(
                 step_id=self._step_id,
@@ -131,60 +335,291 @@ class OffloadClient:
                 left=sorted(self._known - current),
                 seq_ids=seq_ids,
                 seq_lens=seq_lens,
+                num_rows=num_rows if num_rows is not None else len(seq_ids),
             )
-            payload = pickle.dumps(step, protocol=pickle.HIGHEST_PROTOCOL)
-            self._sock.sendall(_STEP + _INT.pack(len(payload)) + payload)
+            self.channel.send_step(step)
         except (OSError, ConnectionError) as e:
             self.close()
             raise ExecutorGone(f"attention executor failed: {e}") from e
         self._known = current
-        self._num_rows = len(seq_ids)
         self._step_id += 1
 
-    def send_layer(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        n = self._num_rows
-        b = self._buffers
-        b.q[layer, :n].copy_(q)
-        b.k[layer, :n].copy_(k)
-        b.v[layer, :n].copy_(v)
-        _wait_for_device(b.q)  # the executor reads these as soon as the doorbell rings
+    def finish_step(self) -> None:
+        """Once the step's device work is enqueued: wait for it; raise `ExecutorGone` if it must be redone."""
+        return None
+
+    # data -------------------------------------------------------------------------------------------
+    @abstractmethod
+    def send(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Ship the offloaded rows' post-RoPE q [n, Hq, D], k and v [n, Hkv, D] of ``layer``."""
+
+    @abstractmethod
+    def recv(self, layer: int, out: torch.Tensor) -> None:
+        """Fill ``out`` [n, Hq, D] with the executor's attention output of ``layer``."""
+
+    @contextmanager
+    def dry_run(self) -> Iterator[None]:
+        """Warm-up before a capture: `send`/`recv` move no data and wait for nobody."""
+        self._dry = True
         try:
-            self._sock.sendall(_LAYER + _INT.pack(layer))
-        except OSError as e:
+            yield
+        finally:
+            self._dry = False
+
+
+class HostTransport(OffloadTransport):
+    """CPU: exchange buffers in host shared memory, a LAYER/OUT byte per layer on the socket."""
+
+    def send(self, layer, q, k, v) -> None:
+        if self._dry:
+            return
+        self.buffers.store_rows(q, k, v)
+        try:
+            self.channel.send_layer(layer)
+        except (OSError, AttributeError) as e:
             self.close()
             raise ExecutorGone(f"attention executor failed: {e}") from e
 
-    def recv_layer(self, layer: int) -> torch.Tensor:
+    def recv(self, layer, out) -> None:
+        if self._dry:
+            return
         try:
-            kind = _recv_exact(self._sock, 1)
-            value = _INT.unpack(_recv_exact(self._sock, _INT.size))[0]
-            if kind == _ERROR:
-                message = _recv_exact(self._sock, value).decode()
-                raise ExecutorGone(f"attention executor error: {message}")
-        except (OSError, ConnectionError) as e:
+            kind, value = self.channel.read_frame()
+        except (OSError, ConnectionError, AttributeError) as e:
             self.close()
             raise ExecutorGone(f"attention executor failed: {e}") from e
+        if kind == _ERROR:
+            self.close()
+            raise ExecutorGone(f"attention executor error: {value}")
         if kind != _OUT or value != layer:
             self.close()
             raise ExecutorGone(f"offload protocol out of step: got {kind!r}{value}, expected OUT{layer}")
-        return self._buffers.out[layer, : self._num_rows]
+        out.copy_(self.buffers.out[: out.shape[0]])
 
 
-def _wait_for_device(t: torch.Tensor) -> None:
-    """Make device writes visible to the other process before a doorbell (a no-op on CPU)."""
-    if t.is_cuda:
-        torch.cuda.synchronize(t.device)
+class DeviceTransport(OffloadTransport):
+    """CUDA: decode's GPU memory holds the exchange; per layer one copy and one signal kernel before
+    local attention, one wait kernel and one copy after it. Capturable.
+
+    A step is watched while it runs: if the executor's connection ends (an error or its death),
+    its process is gone, or the step outlasts ``timeout_s`` (then the executor is killed: its
+    supervisor starts a new one), the watchdog releases decode's waits from the host and
+    `finish_step` raises `ExecutorGone` once the GPU has finished the step.
+    """
+
+    capturable = True
+
+    def __init__(self, model, engine, dtype, device, timeout_s: float = 60.0,
+                 executor_pid: Callable[[], int | None] | None = None) -> None:
+        super().__init__(model, engine, dtype, device, timeout_s)
+        warm_up_flag_kernels(device)
+        self._executor_pid = executor_pid or (lambda: None)
+        self._release_stream = torch.cuda.Stream(device)
+        self._failure: str | None = None
+        self._watch = threading.Condition()
+        self._in_flight = False
+        self._stop = False
+        self._watchdog = threading.Thread(target=self._watch_loop, name="offload-watchdog", daemon=True)
+        self._watchdog.start()
+
+    def _on_connect(self) -> None:
+        self.buffers.ctrl[0] = self.epoch  # ordered before any later kernel on this stream
+        torch.cuda.current_stream(self.device).synchronize()
+
+    def send(self, layer, q, k, v) -> None:
+        if self._dry:
+            return
+        self.buffers.store_rows(q, k, v)
+        signal_flag(self.buffers.ctrl, self.buffers.q_flags + layer)
+
+    def recv(self, layer, out) -> None:
+        if not self._dry:
+            wait_flag(self.buffers.ctrl, self.buffers.o_flags + layer)
+        out.copy_(self.buffers.out[: out.shape[0]])
+
+    def finish_step(self) -> None:
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(self.device))
+        with self._watch:
+            self._failure, self._in_flight, self._started = None, True, time.monotonic()
+            self._watch.notify_all()
+        try:
+            done.synchronize()  # no GIL held; the watchdog releases the waits if the executor fails
+        finally:
+            with self._watch:
+                self._in_flight = False
+        if self._failure is not None:
+            failure = self._failure
+            self.close()
+            raise ExecutorGone(failure)
+
+    def _watch_loop(self) -> None:
+        from adrenaline_py.placement import bind
+
+        bind(self.device)
+        while True:
+            with self._watch:
+                while not self._in_flight and not self._stop:
+                    self._watch.wait()
+                if self._stop:
+                    return
+                channel, started = self.channel, self._started
+            failure = self._check(channel, started)
+            if failure is not None:
+                with self._watch:
+                    if not self._in_flight:
+                        continue
+                    self._failure = failure
+                log.error("offloaded step failed: %s; releasing decode's waits", failure)
+                self._release()
+                with self._watch:
+                    while self._in_flight and not self._stop:
+                        self._watch.wait(0.1)
+
+    def _check(self, channel: Channel | None, started: float) -> str | None:
+        """Why the in-flight step cannot complete, or None (returns after at most ~10 ms)."""
+        if channel is None:
+            return "no connection to the attention executor"
+        try:
+            readable, _, _ = select.select([channel.sock], [], [], 0.01)
+        except (OSError, ValueError):
+            return "the attention executor's connection closed"
+        if readable:
+            try:
+                kind, value = channel.read_frame()
+                return f"attention executor error: {value}" if kind == _ERROR else f"unexpected frame {kind!r}"
+            except (OSError, ConnectionError) as e:
+                return f"attention executor failed: {e}"
+        pid = self._executor_pid()
+        if pid is not None and not _alive(pid):
+            return f"the attention executor (pid {pid}) died"
+        if time.monotonic() - started > self.timeout_s:
+            if pid is not None and pid != os.getpid():  # an in-process executor (LocalEngine) is not killed
+                try:
+                    os.kill(pid, signal.SIGKILL)  # stalled: its supervisor starts a fresh one
+                except OSError:
+                    pass
+            return f"offloaded step stalled for {self.timeout_s:.0f}s; executor (pid {pid}) killed"
+        return None
+
+    def _release(self) -> None:
+        """Let every wait of the step pass (its offloaded rows are garbage and get recomputed)."""
+        b = self.buffers
+        with torch.cuda.stream(self._release_stream):
+            b.ctrl[b.o_flags: b.o_flags + self.model.num_hidden_layers].fill_(self.epoch)
+        self._release_stream.synchronize()
+
+    def shutdown(self) -> None:
+        with self._watch:
+            self._stop = True
+            self._watch.notify_all()
+        self.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def make_transport(model: ModelConfig, engine: EngineConfig, dtype: torch.dtype, device: torch.device,
+                   executor_pid: Callable[[], int | None] | None = None) -> OffloadTransport:
+    """The transport for decode's device: device flags on CUDA, socket doorbells on CPU."""
+    if device.type == "cuda":
+        return DeviceTransport(model, engine, dtype, device, timeout_s=engine.offload_timeout_s,
+                               executor_pid=executor_pid)
+    return HostTransport(model, engine, dtype, device, timeout_s=engine.offload_timeout_s)
+
+
+# --- the executor's side --------------------------------------------------------------------------
+
+#: attend(layer, q [n, Hq, D], k, v [n, Hkv, D], out [n, Hq, D]): store k/v, attention into ``out``
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+class ExecutorEndpoint(ABC):
+    """The executor's end of one decode connection: decode's exchange buffers, attached on HELLO."""
+
+    def __init__(self, model: ModelConfig, engine: EngineConfig, dtype: torch.dtype, device: torch.device,
+                 channel: Channel, epoch: int) -> None:
+        self.model, self.device, self.channel, self.epoch = model, device, channel, epoch
+        self.buffers = ExchangeBuffers.attach(model, engine, dtype, device)
+
+    @abstractmethod
+    def run_step(self, num_rows: int, attend: Attend, replay: Callable[[], bool] | None = None) -> None:
+        """Serve one step's layers; ``replay`` (device only) runs a captured step instead, if it can."""
+
+    def layer_views(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = self.buffers.split(n)
+        return q, k, v, self.buffers.out[:n]
+
+    def abort(self) -> None:
+        """The connection ended: make sure no device work of this connection is left waiting."""
+        return None
+
+
+class HostEndpoint(ExecutorEndpoint):
+    def run_step(self, num_rows, attend, replay=None) -> None:
+        q, k, v, out = self.layer_views(num_rows)
+        for _ in range(self.model.num_hidden_layers):
+            kind, layer = self.channel.read_frame()
+            if kind != _LAYER:
+                raise ConnectionError(f"expected a LAYER frame, got {kind!r}")
+            attend(layer, q, k, v, out)
+            self.channel.send_out(layer)
+
+
+class DeviceEndpoint(ExecutorEndpoint):
+    """Enqueues a whole step at once: per layer wait for decode's flag, attend (reading q/k/v from and
+    writing the output to decode's GPU through NVLink), signal decode's flag."""
+
+    def __init__(self, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        warm_up_flag_kernels(self.device)  # compiled before any capture of a step
+        self._release_stream = torch.cuda.Stream(self.device)
+
+    def run_step(self, num_rows, attend, replay=None) -> None:
+        if replay is not None and replay():
+            return
+        self.enqueue_layers(num_rows, attend)
+
+    def enqueue_layers(self, num_rows: int, attend: Attend, dry: bool = False) -> None:
+        """The step's device work (also what a captured step records); ``dry``: no waits or signals."""
+        b = self.buffers
+        q, k, v, out = self.layer_views(num_rows)
+        for layer in range(self.model.num_hidden_layers):
+            if not dry:
+                wait_flag(b.ctrl, b.q_flags + layer)
+            attend(layer, q, k, v, out)
+            if not dry:
+                signal_flag(b.ctrl, b.o_flags + layer)
+
+    def abort(self) -> None:
+        # decode is gone mid-step (or never sent the rest): let this connection's waits pass
+        b = self.buffers
+        with torch.cuda.stream(self._release_stream):
+            b.ctrl[b.q_flags: b.q_flags + self.model.num_hidden_layers].fill_(self.epoch)
+        self._release_stream.synchronize()
+        torch.cuda.current_stream(self.device).synchronize()  # this connection's layers have run
+
+
+def make_endpoint(model: ModelConfig, engine: EngineConfig, dtype: torch.dtype, device: torch.device,
+                  channel: Channel, epoch: int) -> ExecutorEndpoint:
+    cls = DeviceEndpoint if device.type == "cuda" else HostEndpoint
+    return cls(model, engine, dtype, device, channel, epoch)
 
 
 class OffloadServer:
-    """Executor side: accepts one decode connection at a time and serves its frames."""
+    """The executor's listening socket; one decode connection at a time."""
 
-    def __init__(self, engine: EngineConfig, buffers: OffloadBuffers) -> None:
-        self._buffers = buffers
+    def __init__(self, engine: EngineConfig) -> None:
         path = socket_path(engine)
         path.unlink(missing_ok=True)
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind(str(path))
+        os.chmod(path, 0o600)
         self._listener.listen(4)
         self._path = path
 
@@ -192,28 +627,17 @@ class OffloadServer:
         self._listener.close()
         self._path.unlink(missing_ok=True)
 
-    def accept(self) -> socket.socket:
-        conn, _ = self._listener.accept()
-        return conn
-
-    @staticmethod
-    def read_frame(conn: socket.socket) -> tuple[bytes, int | OffloadStep]:
-        kind = _recv_exact(conn, 1)
-        value = _INT.unpack(_recv_exact(conn, _INT.size))[0]
-        if kind == _STEP:
-            return kind, pickle.loads(_recv_exact(conn, value))
-        if kind == _LAYER:
-            return kind, value
-        raise ConnectionError(f"unexpected frame {kind!r}")
-
-    def send_out(self, conn: socket.socket, layer: int) -> None:
-        _wait_for_device(self._buffers.out)
-        conn.sendall(_OUT + _INT.pack(layer))
-
-    @staticmethod
-    def send_error(conn: socket.socket, message: str) -> None:
-        data = message.encode()
-        conn.sendall(_ERROR + _INT.pack(len(data)) + data)
-
-
-STEP_FRAME, LAYER_FRAME = _STEP, _LAYER
+    def accept(self) -> tuple[Channel, int]:
+        """The next decode connection and its epoch (from its HELLO frame)."""
+        while True:
+            conn, _ = self._listener.accept()
+            channel = Channel(conn)
+            try:
+                kind, epoch = channel.read_frame()
+            except (OSError, ConnectionError):
+                channel.close()
+                continue
+            if kind != _HELLO:
+                channel.close()
+                continue
+            return channel, int(epoch)

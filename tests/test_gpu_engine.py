@@ -1,5 +1,7 @@
 """The GPU decode path against references: fused ops vs float64, CUDA-graph decode vs transformers,
-the whole engine on a GPU (CUDA IPC pools, offloading), and cross-process CUDA IPC (GPU only)."""
+the whole engine on one GPU and on two (prefill + executor on GPU 0, decode on GPU 1: placement,
+prompt KV written through NVLink, the device transport, 2-D graphs), SmolLM2 in bf16 with and
+without offloading, and cross-process CUDA IPC (GPU only)."""
 
 from __future__ import annotations
 
@@ -29,6 +31,11 @@ needs_gpu = pytest.mark.skipif(
     not torch.cuda.is_available() or not triton_available(),
     reason="GPU decode path: needs a CUDA GPU and the triton package",
 )
+needs_two_gpus = pytest.mark.skipif(
+    torch.cuda.device_count() < 2, reason="the prefill-GPU + decode-GPU layout needs two GPUs"
+)
+#: (prefill GPU, decode GPU)
+LAYOUTS = [pytest.param((0, 0), id="one-gpu"), pytest.param((0, 1), id="two-gpus", marks=needs_two_gpus)]
 pytestmark = [pytest.mark.gpu, needs_gpu]
 DEVICE = "cuda"
 
@@ -153,10 +160,11 @@ def test_cuda_graph_decode_logits_match_transformers(dtype, tmp_path):
     assert torch.equal(pool.kv[:, :, ~owned.to(DEVICE)], spare_before)  # padding rows wrote nothing
 
 
-@pytest.mark.parametrize("offload", ["never", "always"])
-def test_local_engine_on_gpu_offloaded_and_local_agree(offload, tmp_path):
-    """The whole engine on the GPU (pools and offload buffers in CUDA IPC memory, graphs on): float32,
-    greedy, against transformers on the same weights."""
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("offload", ["never", "always", "ratio:0.5"])
+def test_local_engine_on_gpu_offloaded_and_local_agree(offload, layout, tmp_path):
+    """The whole engine on the GPUs (pools and exchange buffers in CUDA IPC memory, graphs on, the
+    device transport): float32, greedy, against transformers on the same weights."""
     from adrenaline_py.engine.local import LocalEngine
 
     hf, ckpt = _tiny(torch.float32)
@@ -167,10 +175,18 @@ def test_local_engine_on_gpu_offloaded_and_local_agree(offload, tmp_path):
     torch.backends.cuda.matmul.allow_tf32 = False
     expected = [hf.generate(torch.tensor([p], device=DEVICE), max_new_tokens=n_new, min_new_tokens=n_new,
                             do_sample=False, pad_token_id=0, eos_token_id=None)[0, len(p):].tolist() for p in prompts]
-    cfg = small_engine_config(device="cuda", offload=offload, run_dir=str(tmp_path))
+    cfg = small_engine_config(device="cuda", offload=offload, run_dir=str(tmp_path), prefill_gpu=layout[0],
+                              decode_gpu=layout[1])
     with LocalEngine(ckpt, cfg, dtype=torch.float32) as engine:
         got = engine.generate(prompts, [greedy(n_new) for _ in prompts])
-    assert all(c.offloaded == (offload == "always") for c in got)
+        graphs = engine.decode.runner.graphs
+        assert graphs is not None and graphs.num_graphs == len(graphs.keys)  # 2-D keys, all captured
+        if offload != "never":
+            assert engine.executor.num_steps > 0
+    if offload == "always":
+        assert all(c.offloaded for c in got)
+    elif offload == "never":
+        assert not any(c.offloaded for c in got)
     # tf32 dots in the attention kernel: demand the first tokens exactly and most of the rest.
     for c, e in zip(got, expected):
         assert c.output_ids[:4] == e[:4]
@@ -195,3 +211,167 @@ def test_cuda_ipc_tensor_is_shared_across_processes(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     subprocess.run([sys.executable, "-c", child], check=True, timeout=120, env=env)
     assert t[1].eq(3).all() and t[0].eq(1).all()
+
+
+@needs_two_gpus
+def test_placement_binds_each_role_thread_to_its_gpu():
+    import threading
+
+    from adrenaline_py.config import EngineConfig
+    from adrenaline_py.placement import Placement, bind_role
+
+    engine = EngineConfig(device="cuda", prefill_gpu=0, decode_gpu=1)
+    p = Placement.of(engine)
+    assert (p.prefill, p.executor, p.decode) == (torch.device("cuda", 0),) * 2 + (torch.device("cuda", 1),)
+    assert p.pool_device("decode") == torch.device("cuda", 1) and p.pool_device("executor") == torch.device("cuda", 0)
+    seen = {}
+
+    def role_thread(role):
+        bind_role(role, engine)
+        seen[role] = (torch.cuda.current_device(), torch.empty(1, device="cuda").device.index)
+
+    threads = [threading.Thread(target=role_thread, args=(r,)) for r in ("prefill", "executor", "decode")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == {"prefill": (0, 0), "executor": (0, 0), "decode": (1, 1)}
+
+
+_DECODE_POOL_OWNER = textwrap.dedent("""
+    import sys, time, torch
+    from adrenaline_py.placement import bind
+    from adrenaline_py.shm import create_shared_tensor
+    bind(torch.device("cuda", 1))
+    kv = create_shared_tensor(sys.argv[1], "decode.kv", tuple(int(x) for x in sys.argv[2].split(",")),
+                              torch.float32, "cuda:1")
+    kv.fill_(float("nan"))
+    torch.cuda.synchronize()
+    open(sys.argv[1] + "/owner.ready", "w").close()
+    while not __import__("os").path.exists(sys.argv[1] + "/done"):
+        time.sleep(0.05)
+""")
+
+
+@needs_two_gpus
+def test_prefill_on_gpu0_writes_prompt_kv_into_decode_pool_on_gpu1(tmp_path):
+    """Another process owns decode's pool on GPU 1; prefill on GPU 0 writes a local request's prompt K/V
+    straight into it (a tensor of GPU 0 mapped through NVLink) and an offloaded one's into a pool on
+    GPU 0, with one KV-store operation; the bytes equal a prefill into pools on GPU 0 alone."""
+    from adrenaline_py.placement import bind
+    from adrenaline_py.shm import attach_shared_tensor
+
+    _, ckpt = _tiny(torch.float32)
+    shape = KVPool.shape(ckpt.config, 64, 16)
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    owner = subprocess.Popen([sys.executable, "-c", _DECODE_POOL_OWNER, str(tmp_path), ",".join(map(str, shape))],
+                             env=env)
+    try:
+        for _ in range(1200):
+            if (tmp_path / "owner.ready").exists() or owner.poll() is not None:
+                break
+            __import__("time").sleep(0.1)
+        assert (tmp_path / "owner.ready").exists(), "the pool owner did not start"
+        bind(torch.device("cuda", 0))
+        remote = attach_shared_tensor(tmp_path, "decode.kv", shape, torch.float32)
+        assert remote.device == torch.device("cuda", 0)  # labelled as this GPU's; the bytes are on GPU 1
+        model = build_model(ckpt, torch.float32, torch.device("cuda", 0), 512)
+        backend = TritonAttentionBackend()
+        g = torch.Generator().manual_seed(4)
+        prompts = [torch.randint(3, ckpt.config.vocab_size, (n,), generator=g).tolist() for n in (37, 5)]
+        tables = [[3, 9, 1], [20]]
+
+        class _Pool:  # the slots of a pool tensor (allocation is the scheduler's, not this test's)
+            def __init__(self, kv):
+                self.kv, self.block_size = kv, 16
+
+            slots = KVPool.slots
+
+        local_executor = torch.full(shape, float("nan"), device="cuda:0")
+        runner = PrefillRunner(model, backend, {"decode": _Pool(remote), "executor": _Pool(local_executor)}, 4096)
+        first = runner.run([PrefillItem(prompts[0], "decode", tables[0], SamplingParams(max_tokens=1)),
+                            PrefillItem(prompts[1], "executor", tables[1], SamplingParams(max_tokens=1))])
+        ref_decode = torch.full(shape, float("nan"), device="cuda:0")
+        ref_executor = torch.full(shape, float("nan"), device="cuda:0")
+        ref = PrefillRunner(model, backend, {"decode": _Pool(ref_decode), "executor": _Pool(ref_executor)}, 4096)
+        assert ref.run([PrefillItem(prompts[0], "decode", tables[0], SamplingParams(max_tokens=1)),
+                        PrefillItem(prompts[1], "executor", tables[1], SamplingParams(max_tokens=1))]) == first
+        assert torch.equal(remote.cpu().nan_to_num(7.0), ref_decode.cpu().nan_to_num(7.0))
+        assert torch.equal(local_executor.cpu().nan_to_num(7.0), ref_executor.cpu().nan_to_num(7.0))
+        written = ~ref_decode.isnan()
+        assert written.sum() == 2 * ckpt.config.num_hidden_layers * 37 * ckpt.config.num_key_value_heads * 64
+    finally:
+        (tmp_path / "done").touch()
+        owner.wait(60)
+
+
+def _smollm2_checkpoint():
+    from adrenaline_py.loader import load_checkpoint
+
+    spec = os.environ.get("ADRENALINE_SMOLLM2_GGUF", "smollm2")
+    try:
+        return load_checkpoint(spec)
+    except (FileNotFoundError, ImportError) as e:
+        pytest.skip(f"SmolLM2 GGUF not available here ({e}); set ADRENALINE_SMOLLM2_GGUF")
+
+
+def _run_recording_logits(engine, prompts, n_new):
+    """Generate; also keep every decode step's logits per request (float32, on the host)."""
+    runner = engine.decode.runner
+    logits_of: dict[int, list[torch.Tensor]] = {}
+    run, compute = runner.run, runner.model.compute_logits
+
+    def recording_run(plan):
+        held = {}
+
+        def keep(hidden):
+            held["logits"] = compute(hidden)
+            return held["logits"]
+
+        runner.model.compute_logits = keep
+        try:
+            tokens = run(plan)
+        finally:
+            runner.model.compute_logits = compute
+        for seq, row in zip(plan.seqs, held["logits"].float().cpu()):
+            logits_of.setdefault(seq.seq_id, []).append(row)
+        return tokens
+
+    runner.run = recording_run
+    out = engine.generate(prompts, [greedy(n_new, min_tokens=n_new) for _ in prompts])
+    return out, [logits_of[i] for i in range(len(prompts))]
+
+
+def test_smollm2_bf16_offload_always_matches_never(tmp_path):
+    """SmolLM2-135M in bf16 on the GPUs (two when there are two): 32 chat prompts x 64 greedy tokens
+    with every request offloaded against none offloaded; tokens equal on at least 30 of 32, and each
+    step's logits within bf16 tolerance up to the first difference."""
+    from adrenaline_py.engine.local import LocalEngine
+
+    ckpt = _smollm2_checkpoint()
+    tok = ckpt.tokenizer
+    topics = ["the sea", "Paris", "a prime number", "photosynthesis", "the moon", "a haiku", "Python lists",
+              "gravity", "a bicycle", "the color blue", "coffee", "a library", "winter", "the number seven",
+              "volcanoes", "a violin", "rain", "the internet", "bread", "a spider", "chess", "the sun",
+              "mountains", "a robot", "tea", "an island", "glass", "trains", "the heart", "music", "sand", "owls"]
+    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": f"Tell me about {t}."}]))
+               for t in topics]
+    layout = (0, 1) if torch.cuda.device_count() >= 2 else (0, 0)
+    runs = {}
+    for offload in ("never", "always"):
+        cfg = small_engine_config(device="cuda", dtype="bfloat16", offload=offload, max_model_len=512,
+                                  max_decode_batch=32, prefill_gpu=layout[0], decode_gpu=layout[1],
+                                  run_dir=str(tmp_path / offload), model="smollm2")
+        with LocalEngine(ckpt, cfg, dtype=torch.bfloat16) as engine:
+            runs[offload] = _run_recording_logits(engine, prompts, 64)
+    (never, never_logits), (always, always_logits) = runs["never"], runs["always"]
+    assert all(c.offloaded for c in always) and not any(c.offloaded for c in never)
+    same = sum(a.output_ids == b.output_ids for a, b in zip(never, always))
+    print(f"SmolLM2 bf16, layout {layout}: {same}/32 prompts with identical 64 tokens")
+    assert same >= 30
+    for a, b, la, lb in zip(never, always, never_logits, always_logits):
+        steps = next((i for i, (x, y) in enumerate(zip(a.output_ids[1:], b.output_ids[1:])) if x != y),
+                     len(a.output_ids) - 1) + 1  # decode steps compared: up to and including the first difference
+        for x, y in zip(la[:steps], lb[:steps]):
+            assert rel_err(y, x) < 2e-2

@@ -13,6 +13,10 @@
 #   bench  tools/bench_attention.py, and `adrenaline bench engine` when the CLI has it
 #   serve  `adrenaline serve` in the background, one /v2/models/ensemble/generate request, SIGTERM,
 #          and a check that no tritonserver or stub process is left
+#   offload  (two GPUs) `adrenaline bench offload --handoff`: hand-off primitives, then decode steps with
+#          0 / half / all rows offloaded next to the all-local step (BENCH_OFFLOAD_ARGS)
+#   serve1p1d  (two GPUs) tools/serve_1p1d.py: tritonserver with prefill + executor on GPU 0 and decode
+#          on GPU 1 in each offload mode: answers, closed-loop throughput, executor kill (SERVE1P1D_ARGS)
 #
 # Environment (defaults in brackets): STEPS [setup tests bench serve], VENV [/tmp/adrenaline-venv],
 # TORCH_PYTHON [/opt/torch/.venv/bin/python3], BASE_PYTHON [the torch Python's base interpreter],
@@ -30,6 +34,10 @@ REPO=$(pwd)
 STARTED=$(date +%s)
 
 STEPS=${STEPS:-"setup tests bench serve"}
+BENCH_OFFLOAD_ARGS=${BENCH_OFFLOAD_ARGS:-}
+SERVE1P1D_ARGS=${SERVE1P1D_ARGS:-}
+BENCH_OFFLOAD_TIMEOUT_S=${BENCH_OFFLOAD_TIMEOUT_S:-420}
+SERVE1P1D_TIMEOUT_S=${SERVE1P1D_TIMEOUT_S:-480}
 VENV=${VENV:-/tmp/adrenaline-venv}
 TORCH_PYTHON=${TORCH_PYTHON:-/opt/torch/.venv/bin/python3}
 BASE_PYTHON=${BASE_PYTHON:-}
@@ -64,8 +72,8 @@ SUMMARY=$LOG_DIR/summary.txt
 log() { echo "[bringup +$(($(date +%s) - STARTED))s] $*" | tee -a "$SUMMARY"; }
 left_s() { echo $((TOTAL_BUDGET_S - ($(date +%s) - STARTED))); }
 # time kept for the steps after STEP that were asked for, so a slow step cannot starve them
-declare -A MIN_S=([setup]=20 [tests]=60 [bench]=60 [serve]=210)
-ORDER="setup tests bench serve"
+declare -A MIN_S=([setup]=20 [tests]=60 [bench]=60 [serve]=210 [offload]=120 [serve1p1d]=240)
+ORDER="setup tests bench serve offload serve1p1d"
 reserve_after() {
     local after=0 s total=0
     for s in $ORDER; do
@@ -315,6 +323,25 @@ step_serve() {
         log "serve: note: an MPS server is still running"
     fi
     tail -n 15 "$LOG_DIR/serve.log"
+    return $rc
+}
+
+# ---------------------------------------------------------------------------- two-GPU layout (1P1D)
+step_offload() {
+    # shellcheck disable=SC2086
+    run_logged bench-offload "$(step_timeout "$BENCH_OFFLOAD_TIMEOUT_S")" "$VPY" -m adrenaline_py.cli bench offload \
+        --handoff --out "$LOG_DIR" $BENCH_OFFLOAD_ARGS
+    local rc=$?
+    tail -n 40 "$LOG_DIR/bench-offload.log"
+    return $rc
+}
+
+step_serve1p1d() {
+    # shellcheck disable=SC2086
+    run_logged serve-1p1d "$(step_timeout "$SERVE1P1D_TIMEOUT_S")" "$VPY" tools/serve_1p1d.py --out "$LOG_DIR" \
+        $SERVE1P1D_ARGS
+    local rc=$?
+    tail -n 40 "$LOG_DIR/serve-1p1d.log"
     return $rc
 }
 

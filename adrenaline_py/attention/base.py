@@ -1,8 +1,10 @@
 """The attention interface: the model hands each layer's post-RoPE q/k/v to a backend.
 
-A backend stores the new K/V into the paged cache and returns the attention output. Backends:
-`TorchAttentionBackend` (reference, any device) and `OffloadAttentionBackend` (decode rows split
-between a local backend and the remote attention executor). GPU kernels plug in here too.
+A backend stores the new K/V into the paged cache and returns the attention output, written into
+``out`` when the caller gives one (a captured graph's static buffer, or the exchange buffer the
+executor writes through NVLink). Backends: `TorchAttentionBackend` (reference, any device),
+`TritonAttentionBackend` (GPU kernels) and `OffloadAttentionBackend` (decode rows split between a
+local backend and the remote attention executor, adrenaline_py/attention/offload.py).
 """
 
 from __future__ import annotations
@@ -60,13 +62,32 @@ def build_decode_metadata(
 class AttentionBackend(ABC):
     @abstractmethod
     def forward(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """q: [T, Hq, D], k/v: [T, Hkv, D] → output [T, Hq, D]."""
+        """q: [T, Hq, D], k/v: [T, Hkv, D] → output [T, Hq, D] (``out`` when given)."""
 
 
 def store_kv(kv: torch.Tensor, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Write K/V of some tokens into their slots of one layer of a pool."""
+    """Write K/V of some tokens into their slots of one layer of a pool: the one KV store.
+
+    ``kv`` may be another process's pool, even on another GPU (attached as a tensor of this
+    device, adrenaline_py/shm.py): on CUDA one Triton kernel writes it, through NVLink when the
+    pool is remote (prefill writing a local request's prompt into decode's pool). Rows whose slot
+    is negative are skipped (padding rows of a captured batch; CUDA only).
+    """
+    if kv.is_cuda:
+        from adrenaline_py.attention.triton_decode import store_kv_triton, triton_available
+
+        if triton_available():
+            store_kv_triton(kv, layer, slots, _rows(k, kv.dtype), _rows(v, kv.dtype))
+            return
     _, _, num_blocks, block_size, num_kv_heads, head_dim = kv.shape
     kv[layer, 0].view(num_blocks * block_size, num_kv_heads, head_dim)[slots] = k.to(kv.dtype)
     kv[layer, 1].view(num_blocks * block_size, num_kv_heads, head_dim)[slots] = v.to(kv.dtype)
+
+
+def _rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x [n, H, D] in ``dtype`` with each row's [H, D] contiguous (any row stride), copying only if needed."""
+    x = x.to(dtype)
+    return x if x.stride(2) == 1 and x.stride(1) == x.shape[2] else x.contiguous()

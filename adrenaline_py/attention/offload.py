@@ -1,41 +1,52 @@
 """Decode attention split by request: M local rows here, N offloaded rows on the executor.
 
 Rows are ordered local first, so the executor's output is the tail of the batch: no softmax
-merge and no scatter. The remote rows are sent before local attention runs, so the executor's
-work overlaps with ours.
+merge and no scatter. The remote rows are shipped before local attention runs and waited for
+after it, so the executor's work (on the other GPU, or beside prefill under MPS) overlaps with
+ours. With a capturable transport (CUDA) the whole thing is device work, captured with the rest
+of the step (adrenaline_py/engine/cuda_graphs.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
 from adrenaline_py.attention.base import AttentionBackend, DecodeMetadata, PrefillMetadata
-from adrenaline_py.transport import OffloadClient
+from adrenaline_py.transport import OffloadTransport
 
 
 @dataclass
 class OffloadDecodeMetadata:
     local: DecodeMetadata | None  # metadata of rows [0, num_local)
-    num_local: int
+    num_local: int                # rows [0, num_local) attend here (a graph's padding rows included)
     num_remote: int               # rows [num_local, num_local + num_remote) go to the executor
 
 
 class OffloadAttentionBackend(AttentionBackend):
-    def __init__(self, local: AttentionBackend, remote: OffloadClient) -> None:
+    def __init__(self, local: AttentionBackend, remote: OffloadTransport) -> None:
         self.local = local
         self.remote = remote
 
-    def forward(self, layer, q, k, v, meta) -> torch.Tensor:
+    def forward(self, layer, q, k, v, meta, out=None) -> torch.Tensor:
         if isinstance(meta, PrefillMetadata | DecodeMetadata):
-            return self.local.forward(layer, q, k, v, meta)
-        m = meta.num_local
-        if meta.num_remote:
-            self.remote.send_layer(layer, q[m:], k[m:], v[m:])
-        parts = []
+            return self.local.forward(layer, q, k, v, meta, out)
+        m, n = meta.num_local, meta.num_remote
+        if out is None:
+            out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        if n:
+            self.remote.send(layer, q[m:m + n], k[m:m + n], v[m:m + n])
         if m:
-            parts.append(self.local.forward(layer, q[:m], k[:m], v[:m], meta.local))
-        if meta.num_remote:
-            parts.append(self.remote.recv_layer(layer).to(device=q.device, dtype=q.dtype))
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+            self.local.forward(layer, q[:m], k[:m], v[:m], meta.local, out[:m])
+        if n:
+            self.remote.recv(layer, out[m:m + n])
+        return out
+
+    @contextmanager
+    def warm_up(self) -> Iterator[None]:
+        """Run the layers before a capture without exchanging anything with the executor."""
+        with self.remote.dry_run():
+            yield

@@ -18,15 +18,18 @@ class TorchAttentionBackend(AttentionBackend):
     def __init__(self, scale: float | None = None) -> None:
         self.scale = scale
 
-    def forward(self, layer, q, k, v, meta: AttentionMetadata) -> torch.Tensor:
-        if isinstance(meta, PrefillMetadata):
-            return self.prefill(layer, q, k, v, meta)
-        return self.decode(layer, q, k, v, meta)
+    def forward(self, layer, q, k, v, meta: AttentionMetadata, out: torch.Tensor | None = None) -> torch.Tensor:
+        result = self.prefill(layer, q, k, v, meta) if isinstance(meta, PrefillMetadata) else \
+            self.decode(layer, q, k, v, meta)
+        if out is None:
+            return result
+        out.copy_(result)
+        return out
 
     def prefill(self, layer, q, k, v, meta: PrefillMetadata) -> torch.Tensor:
         for w in meta.kv_writes:
             store_kv(w.kv, layer, w.slots, k[w.token_index], v[w.token_index])
-        out = torch.empty_like(q)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         bounds = meta.cu_seqlens
         for start, end in zip(bounds[:-1], bounds[1:]):
             # [H, S, D] per prompt; GQA by SDPA's head grouping.
@@ -37,7 +40,7 @@ class TorchAttentionBackend(AttentionBackend):
 
     def decode(self, layer, q, k, v, meta: DecodeMetadata) -> torch.Tensor:
         if q.shape[0] == 0:
-            return torch.empty_like(q)
+            return torch.empty(q.shape, dtype=q.dtype, device=q.device)
         store_kv(meta.kv, layer, meta.slots, k, v)
         return paged_decode_attention(q, meta.kv[layer, 0], meta.kv[layer, 1], meta, self.scale)
 

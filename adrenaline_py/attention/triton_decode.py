@@ -21,6 +21,7 @@ imports, and ``paged_decode_attention_triton`` raises a clear error.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -338,41 +339,43 @@ class TritonAttentionBackend(AttentionBackend):
         self.scale = scale
         self.config = config
         self._torch = TorchAttentionBackend(scale)
-        self._prefill_meta: PrefillMetadata | None = None
+        self._prefill_meta: weakref.ref[PrefillMetadata] | None = None
 
     def forward(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if isinstance(meta, PrefillMetadata):
-            return self.prefill(layer, q, k, v, meta)
-        return self.decode(layer, q, k, v, meta)
+            return self.prefill(layer, q, k, v, meta, out)
+        return self.decode(layer, q, k, v, meta, out)
 
     def prefill(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: PrefillMetadata
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: PrefillMetadata,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if not q.is_cuda:  # Triton's CPU interpreter has no bf16 dot: keep the reference there
-            return self._torch.prefill(layer, q, k, v, meta)
+            return self._torch.forward(layer, q, k, v, meta, out)
         from adrenaline_py.attention.triton_prefill import prefill_attention_triton
 
         for w in meta.kv_writes:
             store_kv(w.kv, layer, w.slots, k[w.token_index], v[w.token_index])
-        if self._prefill_meta is not meta:  # once per forward pass, not once per layer
+        # once per forward pass, not once per layer; a weak reference, so that the pools the metadata
+        # names are not kept alive after the pass (a dead executor's pool must be unmapped at once)
+        if self._prefill_meta is None or self._prefill_meta() is not meta:
             cu = meta.cu_seqlens
-            self._prefill_meta = meta
+            self._prefill_meta = weakref.ref(meta)
             self._cu_dev = torch.tensor(cu, dtype=torch.int32, device=q.device)
             self._max_len = max(b - a for a, b in zip(cu[:-1], cu[1:]))
-        return prefill_attention_triton(q, k, v, self._cu_dev, self._max_len, self.scale)
+        return prefill_attention_triton(q, k, v, self._cu_dev, self._max_len, self.scale, out=out)
 
     def decode(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: DecodeMetadata
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: DecodeMetadata,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if q.shape[0] == 0:
-            return torch.empty_like(q)
-        if q.is_cuda:
-            store_kv_triton(meta.kv, layer, meta.slots, k, v)
-        else:  # Triton's CPU interpreter (debugging)
-            store_kv(meta.kv, layer, meta.slots, k, v)
+            return torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
+        store_kv(meta.kv, layer, meta.slots, k, v)
         return paged_decode_attention_triton(
             q, meta.kv[layer, 0], meta.kv[layer, 1], meta.block_tables, meta.seq_lens, meta.max_seq_len,
-            self.scale, self.config,
+            self.scale, self.config, out=out,
         )

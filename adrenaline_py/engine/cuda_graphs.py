@@ -1,169 +1,309 @@
-"""CUDA graphs of the decode forward pass, one per (batch bucket, context bucket).
+"""CUDA graphs of the decode step (decode's layers) and of the executor's step (its layers' attention).
 
-A decode step of a 7-8B model launches ~350 small kernels; launched one by one from Python their
-gaps cost milliseconds, as much as the memory traffic at small batches. A graph replays them with
+A decode step of a 7-8B model launches ~350 small kernels, and with offloading ~130 more for the
+exchange; launched one by one from Python their gaps cost milliseconds. A graph replays them with
 no gaps. A graph fixes every shape and pointer, so:
 
-- inputs live in static device buffers; a step of n rows runs the graph of the smallest batch
-  bucket >= n, and the padding rows get slot -1 (the Triton KV store skips them) and length 1;
-- block tables stay on the device between steps (one row per running sequence), so a step sends
-  the host only four numbers per row;
-- the attention kernel's grid depends on the longest context, so graphs are also keyed by a context
-  bucket (a power of two >= the step's longest context, at most ``max_model_len``); programs past a
-  shorter sequence's end exit at once;
+- inputs live in static device buffers (`BatchInputs`): per step the host writes one [B, C] int64
+  array through one pinned copy; block tables stay on the device, uploaded once per sequence;
+- decode graphs are keyed by (local bucket, offloaded bucket) — the 2-D buckets: rows are laid out
+  ``[local | local padding | offloaded | offloaded padding]``; padding rows get slot -1 (the KV
+  store skips them) and length 1. The executor's graphs are keyed by its (offloaded) bucket;
+- the attention kernel's grid is sized for ``max_model_len`` and programs past a sequence's end
+  exit at once, so context length is not a key;
+- how many graphs: decode captures one per *reachable* pair — local buckets ∪ {0} × offloaded
+  buckets ∪ {0}, keeping pairs whose smallest step fits ``max_batch`` (`graph_keys`); offloaded
+  buckets are powers of two from 8 (padding at most doubles the exchanged rows). With max_batch
+  64 that is 46 graphs (9 without offloading), with 256 it is 104 (15). All graphs of a process
+  share one memory pool and are captured largest first, so activations take the largest's memory;
 - only the layers are captured; the LM head and sampling run after the replay, on the rows in use.
 
-Graphs cover steps whose rows are all local: a step with offloaded rows talks to the executor
-between layers (host round trips), so it runs eagerly.
+Before a capture each shape is run once (warm-up: Triton compiles, cuBLAS picks kernels) with the
+transport in dry-run mode, which exchanges nothing with the executor.
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
+from collections.abc import Callable
 
 import torch
 
 from adrenaline_py.attention import AttentionBackend, DecodeMetadata
+from adrenaline_py.attention.offload import OffloadAttentionBackend, OffloadDecodeMetadata
 from adrenaline_py.models.llama import LlamaForCausalLM
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
-MIN_CONTEXT_BUCKET = 1024
+OFFLOAD_BUCKETS = (8, 16, 32, 64, 128, 256, 512)
 
 
 def batch_buckets(max_batch: int) -> list[int]:
     return sorted({b for b in BATCH_BUCKETS if b < max_batch} | {max_batch})
 
 
-def context_buckets(max_model_len: int) -> list[int]:
-    out, c = [], MIN_CONTEXT_BUCKET
-    while c < max_model_len:
-        out.append(c)
-        c *= 2
-    return [*out, max_model_len]
+def offload_buckets(max_rows: int) -> list[int]:
+    return sorted({b for b in OFFLOAD_BUCKETS if b < max_rows} | {max_rows})
+
+
+def graph_keys(max_batch: int, offload: bool = True) -> list[tuple[int, int]]:
+    """The (local bucket, offloaded bucket) pairs some step of at most ``max_batch`` rows maps to."""
+    local = [0, *batch_buckets(max_batch)]
+    remote = [0, *offload_buckets(max_batch)] if offload else [0]
+    keys = []
+    for i, mb in enumerate(local):
+        for j, nb in enumerate(remote):
+            if mb == nb == 0:
+                continue
+            fewest = (local[i - 1] + 1 if mb else 0) + (remote[j - 1] + 1 if nb else 0)
+            if fewest <= max_batch:
+                keys.append((mb, nb))
+    return keys
+
+
+def _bucket(buckets: list[int], n: int) -> int | None:
+    if n == 0:
+        return 0
+    i = bisect.bisect_left(buckets, n)
+    return buckets[i] if i < len(buckets) else None
+
+
+class BatchInputs:
+    """Row inputs of a captured batch on the device: ``values`` [max_rows, C] int64 written per step
+    from pinned memory, and a block-table store [max_rows + 1, max_blocks] (last row: padding, all 0)
+    into which each sequence's table is uploaded once (again only if its table object changes)."""
+
+    def __init__(self, max_rows: int, pad_values: list[int], max_blocks: int, device: torch.device) -> None:
+        self.max_rows, self.device = max_rows, device
+        self.pad_row = max_rows
+        self.pad = torch.tensor(pad_values, dtype=torch.long)
+        self.values = torch.zeros(max_rows, len(pad_values), dtype=torch.long, device=device)
+        self._host = torch.zeros(max_rows, len(pad_values), dtype=torch.long, pin_memory=True)
+        self.tables = torch.zeros(max_rows + 1, max_blocks, dtype=torch.long, device=device)
+        self._rows: dict[object, tuple[int, list[int]]] = {}   # sequence key → (table row, its table)
+        self._free = list(range(max_rows - 1, -1, -1))
+        self._copied = torch.cuda.Event()
+        self.write([], max_rows)
+
+    def table_rows(self, keys: list[object], tables: list[list[int]]) -> list[int]:
+        """Device table rows of this step's sequences; rows of sequences that left are reused."""
+        current = set(keys)
+        for gone in [k for k in self._rows if k not in current]:
+            self._free.append(self._rows.pop(gone)[0])
+        rows = []
+        for key, table in zip(keys, tables):
+            entry = self._rows.get(key)
+            if entry is None or entry[1] is not table:  # new, or its table was replaced (migration)
+                row = entry[0] if entry is not None else self._free.pop()
+                self.tables[row].zero_()
+                self.tables[row, : len(table)].copy_(torch.as_tensor(table, dtype=torch.long))
+                self._rows[key] = entry = (row, table)
+            rows.append(entry[0])
+        return rows
+
+    def write(self, segments: list[tuple[int, list[list[int]]]], total: int) -> None:
+        """Rows [start, start + len(values)) of each (start, values) segment get ``values``; every other
+        row below ``total`` is a padding row. One pinned copy, ordered before later work on the stream."""
+        self._copied.synchronize()  # the last step's copy has read the staging buffer
+        h = self._host
+        h[:total] = self.pad
+        for start, values in segments:
+            if values:
+                h[start:start + len(values)] = torch.tensor(values, dtype=torch.long)
+        self.values[:total].copy_(h[:total], non_blocking=True)  # pinned: ordered before the replay
+        self._copied.record()
+
+
+class _GraphSet:
+    """Graphs by key in one memory pool; each captured after a warm-up on a side stream."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.graphs: dict[object, tuple[torch.cuda.CUDAGraph, torch.Tensor | None]] = {}
+        self.pool = torch.cuda.graph_pool_handle()
+        # torch.cuda.graph's default capture stream is made once per process, on whatever device was
+        # current then: a stream of this device is needed, or capture on another GPU is invalidated
+        self.capture_stream = torch.cuda.Stream(device)
+
+    def get(self, key, forward: Callable[[], torch.Tensor | None], warm_up: Callable[[], object]):
+        """The graph of ``key``, captured now if needed (``forward`` records it, ``warm_up`` runs first)."""
+        if key in self.graphs:
+            return self.graphs[key]
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            warm_up()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        # Not `torch.cuda.graph`: its entry synchronizes the whole device and empties the cache, which
+        # deadlocks when decode and the executor share a GPU in one process (one side's captured wait
+        # is spinning on the other). Capture on our own stream, errors scoped to this thread.
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(self.capture_stream):
+            graph.capture_begin(self.pool, capture_error_mode="thread_local")
+            try:
+                out = forward()
+            finally:
+                graph.capture_end()
+        self.graphs[key] = (graph, out)
+        return self.graphs[key]
+
+    def clear(self) -> None:
+        self.graphs.clear()
 
 
 class DecodeGraphs:
-    """Captured decode forward passes over the decode pool; `run` replays the right one.
+    """Captured decode forward passes over decode's pool, keyed by (local bucket, offloaded bucket).
 
-    Per step the host sends one [B, 4] int64 array (token, position, context length, table row):
-    block tables live on the device, one row per running sequence, uploaded once when the sequence
-    first appears (and again if its table changes), and the graph gathers them itself.
+    Per step the host sends one [B, 4] int64 array (token, position, context length, table row).
     """
 
     def __init__(
         self,
         model: LlamaForCausalLM,
-        backend: AttentionBackend,
+        backend: AttentionBackend,  # OffloadAttentionBackend to capture steps with offloaded rows
         kv: torch.Tensor,          # the decode pool [L, 2, num_blocks, block_size, Hkv, D]
         max_batch: int,
         max_model_len: int,
+        offload: bool = True,      # also capture steps with offloaded rows (a capturable transport)
     ) -> None:
         self.model, self.backend, self.kv = model, backend, kv
-        self.device = dev = kv.device
+        self._offloading = isinstance(backend, OffloadAttentionBackend)
+        offload = offload and self._offloading
+        self.device = kv.device
         self.block_size = kv.shape[3]
-        self.batch_buckets = batch_buckets(max_batch)
-        self.context_buckets = context_buckets(max_model_len)
-        self.max_blocks = -(-max_model_len // self.block_size)
-        b = self.batch_buckets[-1]
-        self._pad_row = b  # the table row of padding rows (all zeros; their slot is forced to -1)
-        # Row-major [B, 4]: the first n rows are one contiguous block, one small pinned copy per step.
-        self.inputs = torch.zeros(b, 4, dtype=torch.long, device=dev)
-        self._host_inputs = torch.zeros(b, 4, dtype=torch.long, pin_memory=True)
-        self.table_store = torch.zeros(b + 1, self.max_blocks, dtype=torch.long, device=dev)
-        self._rows: dict[object, tuple[int, list[int]]] = {}   # sequence key → (table row, its table)
-        self._free_rows = list(range(b - 1, -1, -1))
-        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._pool = torch.cuda.graph_pool_handle()
-        self._copied = torch.cuda.Event()
-        self._set_padding(0)
+        self.max_model_len = max_model_len
+        self.local_buckets = batch_buckets(max_batch)
+        self.remote_buckets = offload_buckets(max_batch) if offload else []
+        self.keys = graph_keys(max_batch, offload)
+        rows = max(mb + nb for mb, nb in self.keys)
+        self.inputs = BatchInputs(rows, [0, 0, 1, rows], -(-max_model_len // self.block_size), self.device)
+        self._graphs = _GraphSet(self.device)
 
-    def buckets_for(self, num_rows: int, max_seq_len: int) -> tuple[int, int] | None:
-        """The graph key of a step, or None when the step is larger than any graph."""
-        i = bisect.bisect_left(self.batch_buckets, num_rows)
-        j = bisect.bisect_left(self.context_buckets, max_seq_len)
-        if i == len(self.batch_buckets) or j == len(self.context_buckets):
+    def buckets_for(self, num_local: int, num_remote: int) -> tuple[int, int] | None:
+        """The graph key of a step, or None when no graph covers it."""
+        mb, nb = _bucket(self.local_buckets, num_local), _bucket(self.remote_buckets, num_remote)
+        if mb is None or nb is None or (mb, nb) not in self._key_set:
             return None
-        return self.batch_buckets[i], self.context_buckets[j]
+        return mb, nb
+
+    @property
+    def _key_set(self) -> set[tuple[int, int]]:
+        if not hasattr(self, "_keys_cached"):
+            self._keys_cached = set(self.keys)
+        return self._keys_cached
 
     def capture(self, keys: list[tuple[int, int]] | None = None) -> None:
-        """Capture graphs ahead of serving (all buckets by default), largest first to share memory."""
-        if keys is None:
-            keys = [(b, c) for b in self.batch_buckets for c in self.context_buckets]
-        for key in sorted(keys, reverse=True):
+        """Capture graphs ahead of serving (all keys by default), largest first to share memory."""
+        for key in sorted(keys if keys is not None else self.keys, key=lambda k: (k[0] + k[1], k), reverse=True):
             self.graph(key)
 
     @property
     def num_graphs(self) -> int:
-        return len(self._graphs)
+        return len(self._graphs.graphs)
 
-    def _forward(self, b: int, c: int) -> torch.Tensor:
-        ids, positions, lens, rows = (t.contiguous() for t in self.inputs[:b].unbind(1))
-        tables = self.table_store[rows]
-        bs = self.block_size
-        slots = tables.gather(1, (positions // bs)[:, None]).squeeze(1) * bs + positions % bs
-        slots = torch.where(rows == self._pad_row, -1, slots)
-        meta = DecodeMetadata(self.kv, tables, lens, slots, c)
+    def _forward(self, mb: int, nb: int) -> torch.Tensor:
+        ids, positions, lens, rows = (t.contiguous() for t in self.inputs.values[: mb + nb].unbind(1))
+        local = None
+        if mb:
+            tables = self.inputs.tables[rows[:mb]]
+            bs, pos = self.block_size, positions[:mb]
+            slots = tables.gather(1, (pos // bs)[:, None]).squeeze(1) * bs + pos % bs
+            slots = torch.where(rows[:mb] == self.inputs.pad_row, -1, slots)
+            local = DecodeMetadata(self.kv, tables, lens[:mb].contiguous(), slots, self.max_model_len)
+        meta = OffloadDecodeMetadata(local, mb, nb) if self._offloading else local
         return self.model(ids, positions, self.backend, meta)
 
     def graph(self, key: tuple[int, int]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        """The graph of a (batch bucket, context bucket) and its output buffer, captured on first use."""
-        if key in self._graphs:
-            return self._graphs[key]
-        b, c = key
-        self._set_padding(0)  # every row a padding row: the warm-up and capture store nothing
-        # Warm up on a side stream first (Triton compiles, cuBLAS picks kernels), as capture requires.
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            self._forward(b, c)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            hidden = self._forward(b, c)
-        self._graphs[key] = (graph, hidden)
-        return self._graphs[key]
+        """The graph of a (local bucket, offloaded bucket) and its output buffer, captured on first use."""
+        mb, nb = key
+        if key not in self._graphs.graphs:
+            self.inputs.write([], mb + nb)  # every row a padding row: warm-up and capture store nothing
 
-    def _set_padding(self, start: int) -> None:
-        h = self._host_inputs
-        h[start:] = torch.tensor([0, 0, 1, self._pad_row])
-        self.inputs[start:].copy_(h[start:])
+        def warm_up():
+            with self.backend.warm_up() if self._offloading else contextlib.nullcontext():
+                self._forward(mb, nb)
 
-    def _table_rows(self, keys: list[object], block_tables: list[list[int]]) -> list[int]:
-        """Device table rows of this step's sequences; rows of sequences that left are reused."""
-        current = set(keys)
-        for gone in [k for k in self._rows if k not in current]:
-            self._free_rows.append(self._rows.pop(gone)[0])
-        rows = []
-        for key, table in zip(keys, block_tables):
-            entry = self._rows.get(key)
-            if entry is None or entry[1] is not table:  # new, or its table was replaced (migration)
-                row = entry[0] if entry is not None else self._free_rows.pop()
-                self.table_store[row, : len(table)].copy_(torch.as_tensor(table, dtype=torch.long))
-                self._rows[key] = entry = (row, table)
-            rows.append(entry[0])
-        return rows
+        return self._graphs.get(key, lambda: self._forward(mb, nb), warm_up)
 
     def run(
         self, keys: list[object], input_ids: list[int], positions: list[int], block_tables: list[list[int]],
-        seq_lens: list[int],
+        seq_lens: list[int], num_local: int | None = None,
     ) -> torch.Tensor | None:
-        """Final hidden states [n, hidden] of the rows, or None when no graph covers the step.
+        """Final hidden states [n, hidden] of the rows (local first, then offloaded), or None when no
+        graph covers the step. The first ``num_local`` rows (default: all) are local.
 
         ``keys`` identify the sequences across steps (their block tables are uploaded once); a
         table must not change in place while its sequence runs (replace the list instead).
         """
         n = len(input_ids)
-        key = self.buckets_for(n, max(seq_lens))
+        m = n if num_local is None else num_local
+        key = self.buckets_for(m, n - m)
         if key is None or len(set(keys)) != n:
             return None
         graph, hidden = self.graph(key)
-        b = key[0]
-        self._copied.synchronize()  # the last step's async copy has read the staging buffer
-        h = self._host_inputs
-        h[:n] = torch.tensor([input_ids, positions, seq_lens, self._table_rows(keys, block_tables)]).T
-        if b > n:
-            h[n:b] = torch.tensor([0, 0, 1, self._pad_row])
-        self.inputs[:b].copy_(h[:b], non_blocking=True)  # pinned: ordered before the replay on the stream
-        self._copied.record()
+        mb, nb = key
+        table_rows = self.inputs.table_rows(keys[:m], block_tables[:m])
+        local = [list(r) for r in zip(input_ids[:m], positions[:m], seq_lens[:m], table_rows)]
+        remote = [[t, p, s, self.inputs.pad_row] for t, p, s in zip(input_ids[m:], positions[m:], seq_lens[m:])]
+        self.inputs.write([(0, local), (mb, remote)], mb + nb)
         graph.replay()
-        return hidden[:n]
+        if n == m:
+            return hidden[:m]
+        return torch.cat([hidden[:m], hidden[mb: mb + n - m]])
+
+
+class ExecutorGraphs:
+    """The executor's step captured per offloaded bucket: per layer wait for decode's flag, store
+    k/v, attention, signal (adrenaline_py/transport.py `DeviceEndpoint.enqueue_layers`).
+
+    Per step the host sends one [B, 3] int64 array (position, context length, table row).
+    """
+
+    def __init__(self, attend_with: Callable[[DecodeMetadata], Callable], kv: torch.Tensor, max_rows: int,
+                 max_model_len: int) -> None:
+        self.attend_with, self.kv = attend_with, kv
+        self.device = kv.device
+        self.block_size = kv.shape[3]
+        self.max_model_len = max_model_len
+        self.buckets = offload_buckets(max_rows)
+        self.inputs = BatchInputs(self.buckets[-1], [0, 1, self.buckets[-1]], -(-max_model_len // self.block_size),
+                                  self.device)
+        self._graphs = _GraphSet(self.device)
+        self._buffers_key: object = None
+
+    def _meta(self, nb: int) -> DecodeMetadata:
+        positions, lens, rows = (t.contiguous() for t in self.inputs.values[:nb].unbind(1))
+        tables = self.inputs.tables[rows]
+        bs = self.block_size
+        slots = tables.gather(1, (positions // bs)[:, None]).squeeze(1) * bs + positions % bs
+        slots = torch.where(rows == self.inputs.pad_row, -1, slots)
+        return DecodeMetadata(self.kv, tables, lens, slots, self.max_model_len)
+
+    def replay(self, endpoint, seq_ids: list[int], tables: list[list[int]], seq_lens: list[int]) -> bool:
+        """Run a step's layers from its bucket's graph (captured on first use for ``endpoint``'s exchange
+        buffers); False when no graph covers the step."""
+        nb = _bucket(self.buckets, len(seq_ids))
+        if not nb:
+            return False
+        key = endpoint.buffers.qkv.data_ptr()
+        if key != self._buffers_key:  # decode re-created its exchange buffers: the graphs point at old ones
+            self._graphs.clear()
+            self._buffers_key = key
+        if nb not in self._graphs.graphs:
+            self.inputs.write([], nb)  # capture on padding rows: the warm-up stores nothing
+
+            def forward():
+                endpoint.enqueue_layers(nb, self.attend_with(self._meta(nb)))
+
+            def warm_up():
+                endpoint.enqueue_layers(nb, self.attend_with(self._meta(nb)), dry=True)
+
+            self._graphs.get(nb, forward, warm_up)
+        rows = self.inputs.table_rows(seq_ids, tables)
+        self.inputs.write([(0, [[s - 1, s, r] for s, r in zip(seq_lens, rows)])], nb)
+        self._graphs.graphs[nb][0].replay()
+        return True
+
+    @property
+    def num_graphs(self) -> int:
+        return len(self._graphs.graphs)

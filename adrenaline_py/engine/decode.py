@@ -27,9 +27,10 @@ from adrenaline_py.engine.cuda_graphs import DecodeGraphs
 from adrenaline_py.engine.prefill import PrefillItem, PrefillRunner
 from adrenaline_py.kv_cache import KVPool, blocks_needed
 from adrenaline_py.models.llama import LlamaForCausalLM
+from adrenaline_py.placement import bind
 from adrenaline_py.request import GenerationParams
 from adrenaline_py.sampler import SamplingRow, sample
-from adrenaline_py.transport import ExecutorGone, OffloadClient
+from adrenaline_py.transport import ExecutorGone, OffloadTransport
 
 log = logging.getLogger(__name__)
 
@@ -209,42 +210,43 @@ class DecodeRunner:
         model: LlamaForCausalLM,
         local_backend: AttentionBackend,
         decode_pool: KVPool,
-        offload_client: OffloadClient,
+        transport: OffloadTransport,
         cuda_graphs: bool = False,
         max_model_len: int = 0,
         max_batch: int = 0,
     ) -> None:
         self.model = model
         self.pool = decode_pool
-        self.offload_client = offload_client
-        self.backend = OffloadAttentionBackend(local_backend, offload_client)
+        self.transport = transport
+        self.backend = OffloadAttentionBackend(local_backend, transport)
         self.device = model.lm_head.weight.device
         self.graphs: DecodeGraphs | None = None
         if cuda_graphs and self.device.type == "cuda" and isinstance(local_backend, TritonAttentionBackend):
-            self.graphs = DecodeGraphs(model, local_backend, decode_pool.kv, max_batch, max_model_len)
+            self.graphs = DecodeGraphs(model, self.backend, decode_pool.kv, max_batch, max_model_len,
+                                       offload=transport.capturable)
 
     def run(self, plan: DecodePlan) -> list[int]:
         seqs = plan.seqs
-        dev = self.device
-        if self.graphs is not None and not plan.offloaded:
+        m, n = len(plan.local), len(plan.offloaded)
+        key = self.graphs.buckets_for(m, n) if self.graphs is not None else None
+        if n:  # the schedule goes first: the executor prepares its step while we prepare ours
+            self.transport.begin_step([s.seq_id for s in plan.offloaded],
+                                      {s.seq_id: s.block_table for s in plan.offloaded},
+                                      [s.num_tokens for s in plan.offloaded], num_rows=key[1] if key else n)
+        hidden = None
+        if key is not None:
             hidden = self.graphs.run([s.seq_id for s in seqs], [s.output_ids[-1] for s in seqs],
-                                     [s.num_tokens - 1 for s in seqs],
-                                     [s.block_table for s in seqs], [s.num_tokens for s in seqs])
-            if hidden is not None:
-                logits = self.model.compute_logits(hidden)
-                return sample(logits, [SamplingRow(s.params.sampling, s.output_ids) for s in seqs])
-        input_ids = torch.tensor([s.output_ids[-1] for s in seqs], dtype=torch.long, device=dev)
-        positions = torch.tensor([s.num_tokens - 1 for s in seqs], dtype=torch.long, device=dev)
-        local_meta = self._local_metadata(plan.local) if plan.local else None
-        if plan.offloaded:
-            self.offload_client.begin_step(
-                [s.seq_id for s in plan.offloaded],
-                {s.seq_id: s.block_table for s in plan.offloaded},
-                [s.num_tokens for s in plan.offloaded],
-            )
-        meta = OffloadDecodeMetadata(local_meta, len(plan.local), len(plan.offloaded))
-        hidden = self.model(input_ids, positions, self.backend, meta)
+                                     [s.num_tokens - 1 for s in seqs], [s.block_table for s in seqs],
+                                     [s.num_tokens for s in seqs], num_local=m)
+        if hidden is None:
+            dev = self.device
+            input_ids = torch.tensor([s.output_ids[-1] for s in seqs], dtype=torch.long, device=dev)
+            positions = torch.tensor([s.num_tokens - 1 for s in seqs], dtype=torch.long, device=dev)
+            local_meta = self._local_metadata(plan.local) if plan.local else None
+            hidden = self.model(input_ids, positions, self.backend, OffloadDecodeMetadata(local_meta, m, n))
         logits = self.model.compute_logits(hidden)
+        if n:
+            self.transport.finish_step()  # raises ExecutorGone if the offloaded rows must be redone
         return sample(logits, [SamplingRow(s.params.sampling, s.output_ids) for s in seqs])
 
     def recompute_locally(self, seqs: list[Sequence]) -> tuple[list[tuple[Sequence, list[int]]], list[Sequence]]:
@@ -330,12 +332,14 @@ class DecodeEngine:
         return True
 
     def _loop(self) -> None:
+        bind(self.runner.device)
         while not self._stop.is_set():
             try:
                 if not self.step():
                     self.scheduler.wait_for_work(timeout=0.5)
             except Exception as e:  # never let one bad step kill the loop silently
                 log.exception("decode step failed")
+                self.runner.transport.close()  # the executor lets go of a step we will not finish
                 with self.scheduler.has_work:
                     running = list(self.scheduler.running) + list(self.scheduler.waiting)
                 self.emit(self.scheduler.fail(running, f"decode step failed: {type(e).__name__}: {e}"))

@@ -1,11 +1,13 @@
 """The attention executor: decode attention of offloaded requests, on the prefill GPU.
 
 It holds no weights. It owns the ``executor`` KV pool (prefill writes offloaded prompts into it)
-and serves the decode instance's per-layer frames (see adrenaline_py/transport.py).
+and serves decode's offloaded rows, one step at a time (adrenaline_py/transport.py): on CUDA a
+STEP message enqueues (or replays, `ExecutorGraphs`) the whole step's layers, each waiting on
+decode's flag and reading q/k/v from decode's GPU through NVLink; on CPU it answers per-layer frames.
 
 Under Triton it runs in a worker process that the ``attention`` role supervises and restarts when
 it dies (backends/adrenaline/supervisor.py). Each start is a new *generation*: the worker creates a
-fresh pool (all blocks free) and buffers and publishes ``executor.pid`` = {pid, generation} last.
+fresh pool (all blocks free) and publishes ``executor.pid`` = {pid, generation} last.
 Executor block ids handed to decode carry their generation in their high bits, so blocks of a pool
 that died with its worker are never freed into, nor served from, the pool of a later generation.
 """
@@ -23,8 +25,10 @@ import torch
 
 from adrenaline_py.attention import DecodeMetadata, build_decode_metadata, make_attention_backend
 from adrenaline_py.config import EngineConfig, ModelConfig
+from adrenaline_py.engine.cuda_graphs import ExecutorGraphs
 from adrenaline_py.kv_cache import KVPool
-from adrenaline_py.transport import LAYER_FRAME, OffloadBuffers, OffloadServer, OffloadStep
+from adrenaline_py.placement import bind
+from adrenaline_py.transport import STEP_FRAME, Channel, ExecutorEndpoint, OffloadServer, OffloadStep, make_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -66,17 +70,20 @@ def parse_pool_label(label: str) -> tuple[str, int]:
 class AttentionExecutor:
     def __init__(self, model: ModelConfig, engine: EngineConfig, dtype: torch.dtype, device: torch.device,
                  generation: int = 0) -> None:
-        self.model, self.engine = model, engine
+        bind(device)
+        self.model, self.engine, self.dtype = model, engine, dtype
         self.device = device
         self.generation = generation
         self.pool = KVPool.create("executor", model, engine, dtype)
-        self.buffers = OffloadBuffers.create(model, engine, dtype)
         self.backend = make_attention_backend(device)
+        self.graphs = None
+        if device.type == "cuda" and engine.cuda_graphs:
+            self.graphs = ExecutorGraphs(self._attend_with, self.pool.kv, engine.max_decode_batch, engine.max_model_len)
         self.block_tables: dict[int, list[int]] = {}
         self.num_steps = 0
-        self._server = OffloadServer(engine, self.buffers)
+        self._server = OffloadServer(engine)
         # Liveness for admission (while this process lives, requests may be offloaded); written last,
-        # so that a reader of this generation finds its pool and buffers in place.
+        # so that a reader of this generation finds its pool in place.
         write_executor_state(engine.run_dir, ExecutorState(os.getpid(), generation))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="attention-executor", daemon=True)
@@ -89,40 +96,44 @@ class AttentionExecutor:
         self._server.close()
 
     def _serve(self) -> None:
+        bind(self.device)
         while not self._stop.is_set():
             try:
-                conn = self._server.accept()
+                channel, epoch = self._server.accept()
             except OSError:
                 return  # listener closed
             self.block_tables.clear()  # a new decode connection starts from an empty set
-            with conn:
-                try:
-                    self._serve_connection(conn)
-                except ConnectionError as e:
-                    log.info("decode connection closed: %s", e)
-                except StaleBlocks as e:  # expected once after a restart: decode recomputes those requests
-                    log.warning("refusing a decode step: %s", e)
-                    try:
-                        OffloadServer.send_error(conn, f"{type(e).__name__}: {e}")
-                    except OSError:
-                        pass
-                except Exception as e:  # report to decode, keep serving later connections
-                    log.exception("attention executor failed a step")
-                    try:
-                        OffloadServer.send_error(conn, f"{type(e).__name__}: {e}")
-                    except OSError:
-                        pass
+            endpoint = None
+            try:
+                endpoint = make_endpoint(self.model, self.engine, self.dtype, self.device, channel, epoch)
+                self._serve_connection(endpoint)
+            except ConnectionError as e:
+                log.info("decode connection closed: %s", e)
+            except StaleBlocks as e:  # expected once after a restart: decode recomputes those requests
+                log.warning("refusing a decode step: %s", e)
+                _send_error(channel, f"{type(e).__name__}: {e}")
+            except Exception as e:  # report to decode, keep serving later connections
+                log.exception("attention executor failed a step")
+                _send_error(channel, f"{type(e).__name__}: {e}")
+            finally:
+                if endpoint is not None:
+                    endpoint.abort()
+                channel.close()
 
-    def _serve_connection(self, conn) -> None:
-        meta: DecodeMetadata | None = None
+    def _serve_connection(self, endpoint: ExecutorEndpoint) -> None:
         while True:
-            kind, value = OffloadServer.read_frame(conn)
-            if kind == LAYER_FRAME:
-                self.attend(value, meta, conn)
-            else:
-                meta = self.apply_step(value)
+            kind, step = endpoint.channel.read_frame()
+            if kind != STEP_FRAME:
+                raise ConnectionError(f"expected a STEP frame, got {kind!r}")
+            tables = self.apply_step(step)
+            n = len(step.seq_ids)
+            if self.graphs is not None and self.graphs.replay(endpoint, step.seq_ids, tables, step.seq_lens):
+                continue
+            meta = build_decode_metadata(self.pool.kv, tables, step.seq_lens, self.device)
+            endpoint.run_step(n, self._attend_with(meta))
 
-    def apply_step(self, step: OffloadStep) -> DecodeMetadata:
+    def apply_step(self, step: OffloadStep) -> list[list[int]]:
+        """Update the block tables from the step's changes; returns the tables of its rows, in order."""
         for seq_id in step.left:
             self.block_tables.pop(seq_id, None)
         for seq_id, table in step.joined.items():  # once per request, not per step
@@ -132,15 +143,20 @@ class AttentionExecutor:
                                   f"this is generation {self.generation}")
             self.block_tables[seq_id] = blocks
         self.num_steps += 1
-        tables = [self.block_tables[s] for s in step.seq_ids]
-        return build_decode_metadata(self.pool.kv, tables, step.seq_lens, self.device)
+        return [self.block_tables[s] for s in step.seq_ids]
 
-    def attend(self, layer: int, meta: DecodeMetadata, conn) -> None:
-        n = meta.seq_lens.shape[0]
-        b = self.buffers
-        out = self.backend.decode(layer, b.q[layer, :n], b.k[layer, :n], b.v[layer, :n], meta)
-        b.out[layer, :n].copy_(out)
-        self._server.send_out(conn, layer)
+    def _attend_with(self, meta: DecodeMetadata):
+        """The per-layer work for rows described by ``meta``: store their k/v in this pool, attention into out."""
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> None:
+            self.backend.forward(layer, q, k, v, meta, out)
+        return attend
+
+
+def _send_error(channel: Channel, message: str) -> None:
+    try:
+        channel.send_error(message)
+    except OSError:
+        pass
 
 
 @dataclass(frozen=True)

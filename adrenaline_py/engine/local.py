@@ -24,6 +24,7 @@ from adrenaline_py.engine.prefill import PrefillItem, PrefillRunner
 from adrenaline_py.engine.service import DecodeService
 from adrenaline_py.kv_cache import KVPool
 from adrenaline_py.loader import Checkpoint, build_model
+from adrenaline_py.placement import Placement, bind
 from adrenaline_py.policy import OffloadPolicy
 from adrenaline_py.request import GenerationParams
 
@@ -45,16 +46,21 @@ class LocalEngine:
             engine = replace(engine, run_dir=self._tmp.name)
         self.engine = engine
         self.ckpt = ckpt
-        device = torch.device("cpu" if engine.device == "cpu" else f"cuda:{engine.decode_gpu}")
-        model = build_model(ckpt, dtype, device, engine.max_model_len, engine.seed)
-        self.executor = AttentionExecutor(ckpt.config, engine, dtype, device)
+        self.placement = placement = Placement.of(engine)
+        # Each role on its device, as under Triton; each thread that launches work binds its device.
+        self.executor = AttentionExecutor(ckpt.config, engine, dtype, placement.executor)
         self.executor.start()
-        self.pools = {
-            "decode": KVPool.create("decode", ckpt.config, engine, dtype),
-            "executor": self.executor.pool,
-        }
-        backend = make_attention_backend(device)
-        self.prefill = PrefillRunner(model, backend, self.pools, engine.max_prefill_tokens)
+        bind(placement.decode)
+        model = build_model(ckpt, dtype, placement.decode, engine.max_model_len, engine.seed)
+        self.pools = {"decode": KVPool.create("decode", ckpt.config, engine, dtype), "executor": self.executor.pool}
+        bind(placement.prefill)
+        prefill_model = model
+        if placement.prefill != placement.decode:  # two GPUs: prefill has its own copy of the weights
+            prefill_model = build_model(ckpt, dtype, placement.prefill, engine.max_model_len, engine.seed)
+        # prefill writes both pools as tensors of its own device (through NVLink for decode's)
+        prefill_pools = {name: KVPool.attach(name, ckpt.config, engine, dtype) for name in self.pools}
+        self.prefill = PrefillRunner(prefill_model, make_attention_backend(placement.prefill), prefill_pools,
+                                     engine.max_prefill_tokens)
         policy = OffloadPolicy(engine.offload, engine.offload_bound)
         self.admission = Admission(lambda n: self.pools[n].allocator, policy, engine.block_size,
                                    engine.admission_timeout_s)
@@ -74,6 +80,7 @@ class LocalEngine:
         """Admit all prompts, prefill them as one batch, decode them together."""
         tickets = [self.admission.admit(len(p), gp.sampling.max_tokens) for p, gp in zip(prompts, params)]
         items = [PrefillItem(p, t.pool, t.block_table, gp.sampling) for p, t, gp in zip(prompts, tickets, params)]
+        bind(self.placement.prefill)
         first = self.prefill.run(items)
         seqs = []
         for p, t, gp, tok in zip(prompts, tickets, params, first):

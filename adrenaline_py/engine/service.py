@@ -13,11 +13,13 @@ import torch
 from adrenaline_py.attention import make_attention_backend
 from adrenaline_py.config import EngineConfig
 from adrenaline_py.engine.decode import DecodeEngine, DecodeRunner, DecodeScheduler, Sequence
+from adrenaline_py.engine.executor import executor_state
 from adrenaline_py.engine.output import OutputWorkers, ResponseChunk
 from adrenaline_py.kv_cache import KVPool
 from adrenaline_py.models.llama import LlamaForCausalLM
+from adrenaline_py.placement import bind
 from adrenaline_py.tokenizer import Tokenizer
-from adrenaline_py.transport import OffloadClient
+from adrenaline_py.transport import make_transport
 
 
 class DecodeService:
@@ -30,14 +32,17 @@ class DecodeService:
         pools: Callable[[str], KVPool],
         send: Callable[[Any, ResponseChunk], None],
     ) -> None:
-        self.client = OffloadClient(model.config, engine, dtype)
-        self.scheduler = scheduler = DecodeScheduler(pools, engine.max_decode_batch)
         device = model.lm_head.weight.device
-        runner = DecodeRunner(model, make_attention_backend(device), pools("decode"), self.client,
+        bind(device)
+        self.transport = make_transport(model.config, engine, dtype, device,
+                                        executor_pid=lambda: _executor_pid(engine.run_dir))
+        self.scheduler = scheduler = DecodeScheduler(pools, engine.max_decode_batch)
+        runner = DecodeRunner(model, make_attention_backend(device), pools("decode"), self.transport,
                               cuda_graphs=engine.cuda_graphs, max_model_len=engine.max_model_len,
                               max_batch=engine.max_decode_batch)
         if runner.graphs is not None:
             runner.graphs.capture()
+        self.runner = runner
         self.outputs = OutputWorkers(tokenizer, send, lambda seq_id: scheduler.abort(seq_id, "stop"),
                                      engine.num_sender_threads)
         self.loop = DecodeEngine(scheduler, runner, self.outputs.submit)
@@ -58,4 +63,9 @@ class DecodeService:
     def stop(self) -> None:
         self.loop.stop()
         self.outputs.stop()
-        self.client.close()
+        self.transport.shutdown()
+
+
+def _executor_pid(run_dir: str) -> int | None:
+    state = executor_state(run_dir)
+    return state.pid if state is not None else None

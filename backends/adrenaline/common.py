@@ -35,10 +35,6 @@ def setup_process(role: str, engine: EngineConfig) -> None:
     torch.set_num_threads(int(os.environ.get("ADRENALINE_TORCH_THREADS", "0")) or default)
 
 
-def device_for(engine: EngineConfig, gpu: int) -> torch.device:
-    return torch.device("cpu") if engine.device == "cpu" else torch.device(f"cuda:{gpu}")
-
-
 def dtype_for(engine: EngineConfig) -> torch.dtype:
     return getattr(torch, engine.dtype)
 

@@ -23,7 +23,6 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 from common import (
     bytes_tensor,
-    device_for,
     dtype_for,
     engine_config,
     error_response,
@@ -42,6 +41,7 @@ from adrenaline_py.engine.output import ResponseChunk
 from adrenaline_py.engine.service import DecodeService
 from adrenaline_py.kv_cache import POOL_NAMES, KVPool
 from adrenaline_py.loader import build_model, load_checkpoint
+from adrenaline_py.placement import bind_role
 from adrenaline_py.request import GenerationParams
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -55,9 +55,10 @@ class Role:
     def initialize(self, args, config):
         self.engine = e = engine_config(config)
         setup_process("decode", e)
+        device = bind_role("decode", e)  # before any CUDA work
         ckpt = load_checkpoint(e.model)
         self.dtype = dtype_for(e)
-        model = build_model(ckpt, self.dtype, device_for(e, e.decode_gpu), e.max_model_len, e.seed)
+        model = build_model(ckpt, self.dtype, device, e.max_model_len, e.seed)
         ckpt.state_dict = None
         # Decode only frees in the executor's pool: its allocator, of the live generation.
         self.executor_blocks = ExecutorBlocks(e)

@@ -18,6 +18,7 @@ import logging
 import os
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -34,30 +35,29 @@ from adrenaline_py.engine.executor import (  # noqa: E402
     executor_state,
     parse_pool_label,
 )
+from adrenaline_py.placement import bind, bind_role  # noqa: E402
 
 log = logging.getLogger("adrenaline.worker")
 
 
-def _device(engine: EngineConfig) -> torch.device:
-    return torch.device("cpu") if engine.device == "cpu" else torch.device(f"cuda:{engine.prefill_gpu}")
-
-
 def discard_previous_regions(run_dir: str | Path) -> None:
-    """Unlink the regions of the previous executor before creating new ones.
+    """Unlink the regions of the previous executor before creating new ones (its pool; the exchange
+    buffers belong to decode).
 
     Prefill and decode may still map them; unlinked, their memory stays valid until they let go,
     whereas re-creating a region in place would truncate it under them (SIGBUS on CPU). A process
     that attaches later finds only the new regions (kv_cache.py and transport.py name them).
     """
-    for pattern in ("executor.*.shm", "executor.*.ready", "offload.*.shm", "offload.*.ready"):
+    for pattern in ("executor.*.shm", "executor.*.ready"):
         for path in Path(run_dir).glob(pattern):
             path.unlink(missing_ok=True)
 
 
 def serve_attention(engine: EngineConfig, generation: int, chan: Channel, config) -> None:
     torch.set_num_threads(int(os.environ.get("ADRENALINE_TORCH_THREADS", "0")) or 1)
+    device = bind_role("executor", engine)
     discard_previous_regions(engine.run_dir)
-    executor = AttentionExecutor(config, engine, getattr(torch, engine.dtype), _device(engine), generation=generation)
+    executor = AttentionExecutor(config, engine, getattr(torch, engine.dtype), device, generation=generation)
     executor.start()
     chan.send(("ready", {"pid": os.getpid(), "generation": generation}))
     try:
@@ -85,13 +85,32 @@ class PrefillWorker:
 
         self.engine = engine
         self.dtype = getattr(torch, engine.dtype)
+        self.device = bind_role("prefill", engine)
         ckpt = load_checkpoint(engine.model)
         self.config = ckpt.config
-        self.model = build_model(ckpt, self.dtype, _device(engine), engine.max_model_len, engine.seed)
+        self.model = build_model(ckpt, self.dtype, self.device, engine.max_model_len, engine.seed)
         ckpt.state_dict = None  # the model holds the weights now
-        self.backend = make_attention_backend(_device(engine))
+        self.backend = make_attention_backend(self.device)
         self.pools: dict = {}
         self.executor_generation = -1
+        # A dead executor's pool stays allocated while any process maps it (CUDA IPC): let go of it at
+        # once, or its successor cannot allocate a pool of the same size on the same GPU.
+        self._lock = threading.Lock()
+        threading.Thread(target=self._release_dead_executor_pool, name="executor-pool-watch", daemon=True).start()
+
+    def _release_dead_executor_pool(self, period_s: float = 0.2) -> None:
+        bind(self.device)
+        while True:
+            time.sleep(period_s)
+            if self.executor_generation < 0:
+                continue
+            state = executor_state(self.engine.run_dir)
+            if state is not None and state.generation == self.executor_generation:
+                continue
+            with self._lock:
+                if self.pools.pop("executor", None) is not None:
+                    log.info("executor generation %d is gone: its pool is released here", self.executor_generation)
+                self.executor_generation = -1
 
     def _executor_pool_error(self, generation: int) -> str | None:
         """None when the executor pool of ``generation`` is the live one (attached), else why not."""
@@ -109,6 +128,10 @@ class PrefillWorker:
         return None
 
     def run(self, items: list[tuple]) -> list[int | str]:
+        with self._lock:
+            return self._run(items)
+
+    def _run(self, items: list[tuple]) -> list[int | str]:
         from adrenaline_py.engine.prefill import PrefillItem, PrefillRunner
         from adrenaline_py.kv_cache import KVPool
 
