@@ -1,0 +1,113 @@
+"""The data plane's pieces that run anywhere: placement, 2-D graph buckets, exchange buffers, the
+host transport against a real executor (CPU). The device transport runs on GPUs only
+(tests/test_gpu_engine.py, adrenaline_py/bench_handoff.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import small_engine_config
+
+from adrenaline_py.attention import DecodeMetadata, TorchAttentionBackend, build_decode_metadata
+from adrenaline_py.config import NAMED_SHAPES, EngineConfig
+from adrenaline_py.engine.cuda_graphs import batch_buckets, graph_keys, offload_buckets
+from adrenaline_py.engine.executor import AttentionExecutor
+from adrenaline_py.placement import Placement
+from adrenaline_py.transport import ExchangeBuffers, ExecutorGone, HostTransport, make_transport
+
+
+def test_placement_puts_prefill_and_executor_on_the_prefill_gpu_and_decode_on_its_own():
+    p = Placement.of(EngineConfig(device="cuda", prefill_gpu=1, decode_gpu=0))
+    assert p.prefill == p.executor == torch.device("cuda", 1) and p.decode == torch.device("cuda", 0)
+    assert p.pool_device("executor") == p.executor and p.pool_device("decode") == p.decode
+    assert p.is_two_gpus
+    cpu = Placement.of(EngineConfig())
+    assert {cpu.device(r) for r in ("prefill", "executor", "decode")} == {torch.device("cpu")}
+    with pytest.raises(ValueError):
+        cpu.device("sampler")
+
+
+@pytest.mark.parametrize("max_batch", [16, 64, 256])
+def test_every_step_has_a_graph_and_the_key_count_stays_bounded(max_batch):
+    keys = set(graph_keys(max_batch))
+    local, remote = [0, *batch_buckets(max_batch)], [0, *offload_buckets(max_batch)]
+    bucket = lambda buckets, n: next(b for b in buckets if b >= n)  # noqa: E731
+    for m in range(max_batch + 1):
+        for n in range(max_batch + 1 - m):
+            if m or n:
+                assert (bucket(local, m), bucket(remote, n)) in keys, (m, n)
+    assert len(keys) < len(local) * len(remote)  # pairs no step reaches are not captured
+    assert all(nb == 0 or nb >= 8 for _, nb in keys)
+    assert set(graph_keys(max_batch, offload=False)) == {(b, 0) for b in batch_buckets(max_batch)}
+
+
+def test_exchange_rows_of_one_qkv_projection_are_copied_as_they_sit(tmp_path):
+    cfg = NAMED_SHAPES["tiny"]
+    engine = small_engine_config(run_dir=str(tmp_path))
+    buffers = ExchangeBuffers.create(cfg, engine, torch.float32, torch.device("cpu"))
+    hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    qkv = torch.randn(7, (hq + 2 * hkv) * d)  # the model's qkv projection output: q | k | v per row
+    q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+    q, k, v = q.view(7, hq, d), k.view(7, hkv, d), v.view(7, hkv, d)
+    buffers.store_rows(q[4:], k[4:], v[4:])  # the offloaded rows are the batch's tail
+    bq, bk, bv = buffers.split(3)
+    assert torch.equal(bq, q[4:]) and torch.equal(bk, k[4:]) and torch.equal(bv, v[4:])
+    # separate tensors (not views of one projection) land in the same places
+    q2, k2, v2 = torch.randn(2, hq, d), torch.randn(2, hkv, d), torch.randn(2, hkv, d)
+    buffers.store_rows(q2, k2, v2)
+    bq, bk, bv = buffers.split(2)
+    assert torch.equal(bq, q2) and torch.equal(bk, k2) and torch.equal(bv, v2)
+    again = ExchangeBuffers.attach(cfg, engine, torch.float32, torch.device("cpu"))  # the executor's view
+    assert torch.equal(again.split(2)[0], q2)
+
+
+def test_host_transport_gets_the_executors_attention_of_its_rows(tmp_path):
+    """Decode's host transport and a real executor (its own pool and thread): per layer the rows go
+    out, K/V land in the executor's pool, and the output equals attention computed here."""
+    cfg = NAMED_SHAPES["tiny"]
+    engine = small_engine_config(run_dir=str(tmp_path))
+    executor = AttentionExecutor(cfg, engine, torch.float32, torch.device("cpu"))
+    executor.start()
+    transport = make_transport(cfg, engine, torch.float32, torch.device("cpu"))
+    assert isinstance(transport, HostTransport)
+    try:
+        g = torch.Generator().manual_seed(0)
+        executor.pool.kv.copy_(torch.randn(executor.pool.kv.shape, generator=g))
+        lens = [5, 33]
+        tables = [executor.pool.allocator.allocate(-(-n // 16), n) for n in lens]
+        hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        transport.begin_step([10, 11], {10: tables[0], 11: tables[1]}, lens)
+        ref_kv = executor.pool.kv.clone()
+        for layer in range(cfg.num_hidden_layers):
+            q, k, v = torch.randn(2, hq, d, generator=g), torch.randn(2, hkv, d, generator=g), \
+                torch.randn(2, hkv, d, generator=g)
+            transport.send(layer, q, k, v)
+            out = torch.empty(2, hq, d)
+            transport.recv(layer, out)
+            meta: DecodeMetadata = build_decode_metadata(ref_kv, tables, lens, torch.device("cpu"))
+            ref = TorchAttentionBackend().decode(layer, q, k, v, meta)
+            assert torch.allclose(out, ref, atol=1e-5)
+        assert torch.equal(executor.pool.kv, ref_kv)  # the new tokens' K/V were stored there too
+        assert executor.num_steps == 1
+    finally:
+        transport.shutdown()
+        executor.stop()
+
+
+def test_host_transport_reports_an_executor_that_refuses_the_step(tmp_path):
+    cfg = NAMED_SHAPES["tiny"]
+    engine = small_engine_config(run_dir=str(tmp_path))
+    executor = AttentionExecutor(cfg, engine, torch.float32, torch.device("cpu"), generation=2)
+    executor.start()
+    transport = make_transport(cfg, engine, torch.float32, torch.device("cpu"))
+    try:
+        stale = [1 << 32 | 3]  # a block of generation 1: the executor (generation 2) refuses it
+        transport.begin_step([1], {1: stale}, [4])
+        hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        transport.send(0, torch.zeros(1, hq, d), torch.zeros(1, hkv, d), torch.zeros(1, hkv, d))
+        with pytest.raises(ExecutorGone, match="generation"):
+            transport.recv(0, torch.empty(1, hq, d))
+        assert transport.channel is None  # the next step connects anew, with a new epoch
+    finally:
+        transport.shutdown()
+        executor.stop()
