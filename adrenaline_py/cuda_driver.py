@@ -1,23 +1,20 @@
 """The few CUDA driver calls torch does not expose, through ctypes on ``libcuda.so.1``.
 
-The device transport (adrenaline_py/transport.py) needs:
+Shared GPU memory (adrenaline_py/shm.py) needs:
 
-- stream memory operations: ``cuStreamWaitValue32`` makes a stream wait until a 32-bit word in
-  memory holds a value, ``cuStreamWriteValue32`` writes one after the stream's earlier work. The
-  GPU's front end does the waiting (no SM is held, no host thread), and both can be captured in a
-  CUDA graph;
-- ``cuMemcpyAsync`` between raw device addresses, so that a copy into or out of another process's
-  memory is one graph node with no cross-device event (torch's cross-device ``copy_`` records
-  events on both devices' current streams, which breaks stream capture);
-- host memory registered with the GPUs (``cuMemHostRegister``): the hand-off flags live in a host
-  shared-memory page that both processes' GPUs poll and that a host thread can read (to see which
-  layer a stuck step waits on) and write (to release a wait whose peer died);
-- CUDA IPC opened in the *current* device's context (``cuIpcOpenMemHandle`` with lazy peer
-  access), so that a process reaches another GPU's memory through NVLink without a CUDA context
-  on that GPU;
-- peer access between two devices' primary contexts.
+- plain device memory (``cuMemAlloc``) and its IPC handle, independent of torch's caching
+  allocator and of its handle format;
+- CUDA IPC opened in the *current* device's context (``cuIpcOpenMemHandle`` with lazy peer access),
+  so that a process reaches another GPU's memory through NVLink without a CUDA context on that GPU;
+- `tensor_at`: such memory as a torch tensor labelled with the current device (DLPack), so torch
+  ops, Triton kernels and graph captures treat it as local;
+- peer access between two devices' primary contexts (one process using both GPUs).
 
-Nothing here is imported on a machine without CUDA unless a GPU code path runs.
+The hand-off probe (adrenaline_py/bench_handoff.py) also measures the alternatives it rejected
+with ``cuStreamWaitValue32``/``cuStreamWriteValue32`` (stream memory operations), ``cuMemcpyAsync``
+between raw addresses and host memory registered with the GPUs.
+
+Nothing here is loaded on a machine without CUDA unless a GPU code path runs.
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ Protocol of one decode step with N offloaded rows (N padded to the step's bucket
 1. control, once per step: decode sends a STEP frame on the executor's socket (`OffloadStep`:
    which sequences joined, with their block tables, which left, the order of the rows and their
    context lengths). Block allocation is not on this path: blocks were reserved at admission.
+   Both sides pad the rows to the same bucket (`engine/cuda_graphs.offload_buckets`) when they
+   replay graphs; padding rows store nothing and are never read.
 2. data, per layer l: decode writes the rows' post-RoPE q/k/v into the exchange buffer and signals
    layer l, then runs local attention for its own rows; the executor stores k/v into its pool,
    runs attention, writes the output into the exchange buffer and signals back; decode waits for
@@ -69,7 +71,6 @@ class OffloadStep:
     left: list[int] = field(default_factory=list)              # seq ids that finished
     seq_ids: list[int] = field(default_factory=list)           # the N rows, in batch order
     seq_lens: list[int] = field(default_factory=list)          # [N] context incl. the new token
-    num_rows: int = 0                                          # rows exchanged: N plus padding (graph bucket)
 
 
 class ExecutorGone(RuntimeError):
@@ -323,8 +324,7 @@ class OffloadTransport(ABC):
         """For good (server stop)."""
         self.close()
 
-    def begin_step(self, seq_ids: list[int], block_tables: dict[int, list[int]], seq_lens: list[int],
-                   num_rows: int | None = None) -> None:
+    def begin_step(self, seq_ids: list[int], block_tables: dict[int, list[int]], seq_lens: list[int]) -> None:
         """Send this step's schedule: rows in order; new sequences carry their block table."""
         try:
             self.connect()
@@ -335,7 +335,6 @@ class OffloadTransport(ABC):
                 left=sorted(self._known - current),
                 seq_ids=seq_ids,
                 seq_lens=seq_lens,
-                num_rows=num_rows if num_rows is not None else len(seq_ids),
             )
             self.channel.send_step(step)
         except (OSError, ConnectionError) as e:

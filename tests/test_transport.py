@@ -104,10 +104,11 @@ def test_host_transport_reports_an_executor_that_refuses_the_step(tmp_path):
         stale = [1 << 32 | 3]  # a block of generation 1: the executor (generation 2) refuses it
         transport.begin_step([1], {1: stale}, [4])
         hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        transport.send(0, torch.zeros(1, hq, d), torch.zeros(1, hkv, d), torch.zeros(1, hkv, d))
-        with pytest.raises(ExecutorGone, match="generation"):
+        with pytest.raises(ExecutorGone):  # at the doorbell (connection already closed) or at the answer
+            transport.send(0, torch.zeros(1, hq, d), torch.zeros(1, hkv, d), torch.zeros(1, hkv, d))
             transport.recv(0, torch.empty(1, hq, d))
         assert transport.channel is None  # the next step connects anew, with a new epoch
+        assert executor.num_steps == 0 and not executor.block_tables  # the step was refused, not served
     finally:
         transport.shutdown()
         executor.stop()

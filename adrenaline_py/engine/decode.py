@@ -232,7 +232,7 @@ class DecodeRunner:
         if n:  # the schedule goes first: the executor prepares its step while we prepare ours
             self.transport.begin_step([s.seq_id for s in plan.offloaded],
                                       {s.seq_id: s.block_table for s in plan.offloaded},
-                                      [s.num_tokens for s in plan.offloaded], num_rows=key[1] if key else n)
+                                      [s.num_tokens for s in plan.offloaded])
         hidden = None
         if key is not None:
             hidden = self.graphs.run([s.seq_id for s in seqs], [s.output_ids[-1] for s in seqs],
