@@ -2,7 +2,7 @@
 
 One server run owns a run directory on /dev/shm: engine.json (the one config every model
 reads), the API key, the filled model repository, the backend directory, the KV pools and
-offload buffers (shared memory), the executor's socket and, on GPUs, the MPS pipes. Everything is
+exchange buffers (shared memory), the executor's socket and, on GPUs, the MPS pipes. Everything is
 removed when the server stops, and so are the python backend's shared-memory regions
 (``/dev/shm/triton_*_shm_region_*``) that a tritonserver which did not exit cleanly leaves behind.
 

@@ -4,7 +4,7 @@ tritonserver 2.51 never restarts a Python stub that died (a request to it answer
 '<model>_0_0' is not healthy", and reloading the model through the model-control API neither
 restarts it nor lets the server unload it). So the stubs of ``attention`` and ``prefill`` stay
 thin supervisors, and the real work runs in a child process (worker.py) that they restart:
-the attention executor with its KV pool and offload buffers; the prefill model. The worker owns
+the attention executor with its KV pool; the prefill model. The worker owns
 those (on GPUs: the CUDA memory behind the IPC handles), so a restarted worker creates them anew.
 
 The stub talks to its worker over a socket pair: length-prefixed pickles, one request, one reply.

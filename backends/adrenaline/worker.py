@@ -5,10 +5,11 @@
 It first reads its init message from the channel, reports ("ready", info) once it can serve, then
 answers one reply per request until the channel closes (its stub finalized or died), and exits.
 
-attention: init = the model's ModelConfig. Creates the executor's KV pool (every block free) and
-  offload buffers, publishes ``executor.pid`` = {pid, generation} last and serves decode over its
-  socket; requests: ("stats",).
-prefill: init = None. Loads the model; requests: ("prefill", [(input_ids, kv_pool label, block_table,
+attention: init = the model's ModelConfig. Creates the executor's KV pool (every block free),
+  publishes ``executor.pid`` = {pid, generation} last and serves decode over its socket and
+  decode's exchange buffers; requests: ("stats",).
+prefill: init = None. Loads the model (and drops its mapping of a dead executor's pool at once);
+  requests: ("prefill", [(input_ids, kv_pool label, block_table,
   SamplingParams), ...]) → ("ok", [first token | error message per item]) or ("error", message).
 """
 
