@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adrenaline_py.config import EngineConfig  # noqa: E402
 from adrenaline_py.engine.executor import executor_state  # noqa: E402
 from adrenaline_py.serving.launcher import Server, ServerOptions  # noqa: E402
+from adrenaline_py.serving.loadgen import stream_events  # noqa: E402
 
 WORDS = "the river light stone market engine quiet window garden number story signal bread".split()
 
@@ -49,20 +50,14 @@ def post(url: str, body: dict, timeout: float = 600) -> dict:
 
 
 def stream(url: str, body: dict, timeout: float = 600) -> dict:
-    req = urllib.request.Request(url, data=json.dumps({**body, "stream": True}).encode())
     text, reason, error, tokens = [], None, None, 0
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        for raw in r:
-            line = raw.decode()
-            if not line.startswith("data: "):
-                continue
-            event = json.loads(line[6:])
-            if "error" in event:
-                error = event["error"]
-                break
-            text.append(event.get("text_output", ""))
-            tokens += int(event.get("num_output_tokens", 0) or 0)
-            reason = event.get("finish_reason") or reason
+    for event in stream_events(url, body, timeout):
+        if "error" in event:
+            error = event["error"]
+            break
+        text.append(event.get("text_output", ""))
+        tokens += int(event.get("num_output_tokens", 0) or 0)
+        reason = event.get("finish_reason") or reason
     return {"text": "".join(text), "finish_reason": reason, "error": error, "tokens": tokens}
 
 
@@ -129,7 +124,7 @@ def kill_executor_mid_decode(url: str, run_dir: str, metrics_port: int, prompts:
     if state is None:
         return {"error": "no executor running"}
     with ThreadPoolExecutor(len(prompts)) as pool:
-        futures = [pool.submit(stream, f"{url}/v2/models/ensemble/generate_stream",
+        futures = [pool.submit(stream, url,
                                {"text_input": p, "max_tokens": out_tokens, "min_tokens": out_tokens}) for p in prompts]
         time.sleep(1.5)  # decoding by now
         os.kill(state.pid, signal.SIGKILL)

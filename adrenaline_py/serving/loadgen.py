@@ -16,6 +16,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,21 +45,25 @@ def _prompt(rng: random.Random) -> tuple[str, int]:
     return " ".join(rng.choice(WORDS) for _ in range(words)), rng.randint(8, 64)
 
 
+def stream_events(url: str, body: dict, timeout: float) -> Iterator[dict]:
+    """The JSON events of one `/generate_stream` request (Server-Sent Events), as they arrive."""
+    req = urllib.request.Request(f"{url}/v2/models/ensemble/generate_stream",
+                                 data=json.dumps({**body, "stream": True}).encode())
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        for raw in r:
+            line = raw.decode()
+            if line.startswith("data: "):
+                yield json.loads(line[6:])
+
+
 def one_request(url: str, prompt: str, max_tokens: int, timeout: float) -> tuple[str, str | None]:
     """('completed', None) | ('error', message) | ('lost', why)."""
-    body = json.dumps({"text_input": prompt, "max_tokens": max_tokens, "stream": True}).encode()
-    req = urllib.request.Request(f"{url}/v2/models/ensemble/generate_stream", data=body)
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            for raw in r:
-                line = raw.decode()
-                if not line.startswith("data: "):
-                    continue
-                event = json.loads(line[6:])
-                if "error" in event:
-                    return "error", event["error"]
-                if event.get("finish_reason"):
-                    return "completed", None
+        for event in stream_events(url, {"text_input": prompt, "max_tokens": max_tokens}, timeout):
+            if "error" in event:
+                return "error", event["error"]
+            if event.get("finish_reason"):
+                return "completed", None
         return "lost", "stream ended without a finish reason"
     except urllib.error.HTTPError as e:
         body = e.read().decode(errors="replace").strip()
