@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from adrenaline_py.config import EngineConfig, ModelConfig
+from adrenaline_py.config import DEFAULT_EXECUTOR_SM_SHARE, EngineConfig, ModelConfig
 from adrenaline_py.request import GenerationParams, OutputOptions, SamplingParams
 
 MODES = {"never": 0.0, "half": 0.5, "always": 1.0}
@@ -255,7 +255,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     p.add_argument("--prefill-gpu", type=int, default=0, help="GPU of the attention executor (and prefill)")
     p.add_argument("--decode-gpu", type=int, default=1)
-    p.add_argument("--executor-sm-share", type=int, default=EngineConfig().executor_sm_share,
+    p.add_argument("--executor-sm-share", type=int, default=DEFAULT_EXECUTOR_SM_SHARE,
                    help="MPS percentage of the executor's GPU (0: no MPS)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per case (median)")
     p.add_argument("--no-cuda-graphs", action="store_true")

@@ -1,4 +1,5 @@
-"""The `adrenaline` command: `serve` (tritonserver), `generate` (in-process, no server), `bench engine|offload`."""
+"""The `adrenaline` command: `serve` (tritonserver), `generate` (in-process, no server),
+`bench engine|offload|serve|plot`."""
 
 from __future__ import annotations
 
@@ -23,17 +24,27 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("offloading")
     g.add_argument("--offload", default=d.offload, help="never | always | auto | ratio:R (0 <= R <= 1)")
     g.add_argument("--offload-bound", type=float, default=d.offload_bound,
-                   help="auto: offloaded load / local load the executor can hide (OB)")
-    g.add_argument("--prefill-sm-share", type=int, default=d.prefill_sm_share, help="MPS %% of SMs for prefill")
+                   help="auto: offloaded load / local load the executor can hide (OB); default: from the GPU's "
+                        "profile (min(OB_mem, OB_comp)), else the executor / decode KV capacity ratio")
+    g.add_argument("--prefill-sm-share", type=int, default=d.prefill_sm_share,
+                   help="MPS %% of SMs for prefill; default: the smallest profiled share meeting --ttft-slo, else 70")
     g.add_argument("--executor-sm-share", type=int, default=d.executor_sm_share,
-                   help="MPS %% of SMs for the attention executor")
+                   help="MPS %% of SMs for the attention executor; default: 100 - the prefill share, else 30")
+    g.add_argument("--ttft-slo", type=float, default=d.ttft_slo_ms,
+                   help="time-to-first-token SLO in ms: with a profile, picks the prefill SM share")
+    g.add_argument("--tpot-slo", type=float, default=d.tpot_slo_ms,
+                   help="time-per-output-token SLO in ms: with a profile, the compute bound OB_comp of auto")
     g = p.add_argument_group("capacity")
     g.add_argument("--max-model-len", type=int, default=d.max_model_len, help="prompt + output tokens")
     g.add_argument("--max-tokens-limit", type=int, default=d.max_tokens_limit, help="largest max_tokens")
     g.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens)
     g.add_argument("--block-size", type=int, default=d.block_size)
-    g.add_argument("--num-decode-blocks", type=int, default=d.num_decode_blocks)
-    g.add_argument("--num-executor-blocks", type=int, default=d.num_executor_blocks)
+    g.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization,
+                   help="cuda: share of each GPU's total memory the server may use; sizes the KV pools")
+    g.add_argument("--num-decode-blocks", type=int, default=None,
+                   help="KV blocks of decode's pool; default: from GPU memory on cuda, 1024 on cpu")
+    g.add_argument("--num-executor-blocks", type=int, default=None,
+                   help="KV blocks of the executor's pool; default: from GPU memory on cuda, 1024 on cpu")
     g.add_argument("--max-decode-batch", type=int, default=d.max_decode_batch)
     g.add_argument("--max-prefill-tokens", type=int, default=d.max_prefill_tokens)
     g.add_argument("--num-sender-threads", type=int, default=d.num_sender_threads)
@@ -52,7 +63,8 @@ def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
         model=a.model, device=a.device, prefill_gpu=a.prefill_gpu, decode_gpu=a.decode_gpu,
         dtype=a.dtype or ("float32" if a.device == "cpu" else "bfloat16"),
         offload=a.offload, offload_bound=a.offload_bound, prefill_sm_share=a.prefill_sm_share,
-        executor_sm_share=a.executor_sm_share, max_model_len=a.max_model_len,
+        executor_sm_share=a.executor_sm_share, ttft_slo_ms=a.ttft_slo, tpot_slo_ms=a.tpot_slo,
+        gpu_memory_utilization=a.gpu_memory_utilization, max_model_len=a.max_model_len,
         max_tokens_limit=a.max_tokens_limit, default_max_tokens=a.default_max_tokens,
         block_size=a.block_size, num_decode_blocks=a.num_decode_blocks,
         num_executor_blocks=a.num_executor_blocks, max_decode_batch=a.max_decode_batch,
@@ -168,6 +180,25 @@ def main(argv: list[str] | None = None) -> int:
 
     bench_offload.add_arguments(bo)
     bo.set_defaults(func=bench_offload.main)
+    bs = bench.add_parser("serve", help="load a running server: throughput, TTFT/TPOT/ITL, SLO attainment, "
+                          "server metrics (docs/bench_serve.md)",
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from adrenaline_py.serving import bench_serve
+
+    bench_serve.add_arguments(bs)
+    bs.set_defaults(func=bench_serve.main)
+    bp = bench.add_parser("plot", help="plot `bench serve` results against request rate, one line per label",
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    bench_serve.add_plot_arguments(bp)
+    bp.set_defaults(func=bench_serve.plot_main)
+
+    pr = sub.add_parser("profile", help="offline profile of a GPU and model shape: attention bandwidth and prefill "
+                                        "latency against the MPS SM share, decode step against the batch (GPU)",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from adrenaline_py import bench_profile
+
+    bench_profile.add_arguments(pr)
+    pr.set_defaults(func=bench_profile.main)
 
     a = parser.parse_args(argv)
     try:

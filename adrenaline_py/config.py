@@ -132,6 +132,12 @@ NAMED_SHAPES: dict[str, ModelConfig] = {
 
 
 OFFLOAD_MODES = ("never", "always", "auto")
+CPU_POOL_BLOCKS = 1024          # blocks of each KV pool on cpu when not given
+# MPS shares without a profile or without --ttft-slo. Measured on an H200 (docs/performance.md,
+# `adrenaline profile`): the executor's attention gets 0.81-0.89 of the copy bandwidth at 60 % and
+# 0.43 at 30 %, and prefill at 40 % takes 1.8x its whole-GPU time; offloading pays at 60/40.
+DEFAULT_PREFILL_SM_SHARE = 40
+DEFAULT_EXECUTOR_SM_SHARE = 60
 
 
 @dataclass(frozen=True)
@@ -152,17 +158,23 @@ class EngineConfig:
     max_tokens_limit: int = 1024       # largest max_tokens a request may ask for
     default_max_tokens: int = 16
     block_size: int = 16
-    num_decode_blocks: int = 1024      # KV blocks in decode's pool (GPU D)
-    num_executor_blocks: int = 1024    # KV blocks in the attention executor's pool (GPU P)
+    # KV blocks in decode's pool (GPU D) and the executor's (GPU P). None: sized from
+    # gpu_memory_utilization on cuda (kv_cache.plan_pool_blocks, by the launcher), CPU_POOL_BLOCKS on cpu.
+    num_decode_blocks: int | None = None
+    num_executor_blocks: int | None = None
+    gpu_memory_utilization: float = 0.9  # share of each GPU's total memory the server may use (cuda)
     max_decode_batch: int = 64         # requests in one decode step (local + offloaded)
     max_prefill_tokens: int = 8192     # tokens in one batched prefill
     num_sender_threads: int = 4        # decode threads that stream responses to clients
     admission_timeout_s: float = 30.0  # how long a request may wait for KV blocks
     max_queued_requests: int = 256     # requests that may wait for KV blocks at once; more are rejected
-    # Offload policy inputs (``auto``): see adrenaline_py/policy.py.
-    offload_bound: float = 1.0         # OB: offloaded load / local load the executor can hide
-    prefill_sm_share: int = 70         # MPS percentages on the prefill GPU
-    executor_sm_share: int = 30
+    # Offload policy inputs (``auto``): see adrenaline_py/policy.py. None: resolved by the launcher
+    # from the GPU's profile and the SLOs (adrenaline_py/profile.py: resolve_engine).
+    offload_bound: float | None = None  # OB: offloaded load / local load the executor can hide
+    prefill_sm_share: int | None = None  # MPS percentages on the prefill GPU
+    executor_sm_share: int | None = None
+    ttft_slo_ms: float | None = None     # time-to-first-token SLO: picks the prefill SM share
+    tpot_slo_ms: float | None = None     # time-per-output-token SLO: the compute bound OB_comp
     run_dir: str = "/tmp/adrenaline"   # shared-memory names, sockets and logs of one server run
     internal_token: str = ""           # secret the internal models (scheduler, prefill) require; set per run
     seed: int = 0                      # weights seed for dummy models
@@ -181,6 +193,24 @@ class EngineConfig:
             raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
         if self.max_tokens_limit >= self.max_model_len:
             raise ValueError("max_tokens_limit must be smaller than max_model_len")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        for name in ("num_decode_blocks", "num_executor_blocks"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+            if value is None and self.device == "cpu":  # no memory to measure: the fixed CPU size
+                object.__setattr__(self, name, CPU_POOL_BLOCKS)
+        for name in ("prefill_sm_share", "executor_sm_share"):
+            value = getattr(self, name)
+            if value is not None and not 1 <= value <= 100:
+                raise ValueError(f"{name} must be a percentage in [1, 100], got {value}")
+        if self.offload_bound is not None and not self.offload_bound >= 0:
+            raise ValueError(f"offload_bound must be >= 0, got {self.offload_bound}")
+        for name in ("ttft_slo_ms", "tpot_slo_ms"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be > 0 ms, got {value}")
 
     @property
     def max_blocks_per_seq(self) -> int:

@@ -1,9 +1,20 @@
 """Offload admission policy: which new requests have their decode attention offloaded.
 
-``auto`` is a first version of the paper's load-aware rule (§3 of design.md): offload a request
-only if (C1) counted at its maximum length the offloaded load stays within the bound OB of the
-local load, and (C2) the offloaded batch stays within OB of the local batch, so that remote
-attention can hide behind local attention; and only while the executor's pool has room.
+Modes: ``never``, ``always``, ``ratio:R`` (a deterministic share R of requests) and ``auto``, the
+paper's load-aware offloading (Adrenaline, arXiv 2503.20552; design.md §1, technique 3). With the
+bound OB in force (`adrenaline_py/profile.py`: OB = min(OB_mem, OB_comp)), a new request is
+offloaded only if
+
+- the executor's pool has room for its blocks now;
+- (C1) counted at its *maximum* length (prompt + max_tokens), the offloaded load stays within OB
+  of the local load: offloaded reserved tokens + the request's ≤ OB × local reserved tokens
+  (the offloaded side never grows past what C1 counted, however long its requests decode);
+- (C2) the *current* ratios stay within OB: offloaded current tokens + its prompt ≤ OB × local
+  current tokens (attention time is proportional to the tokens it reads), and offloaded requests
+  + 1 ≤ OB × local requests (the per-row work of the exchange).
+
+The aim: the executor's attention, at its bandwidth, finishes no later than the local attention
+it overlaps with. Without local load nothing is offloaded (OB × 0 = 0).
 """
 
 from __future__ import annotations
@@ -15,9 +26,12 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class PoolLoad:
-    num_seqs: int          # requests holding blocks
-    reserved_tokens: int   # sum of their prompt + max_tokens
+    """What one KV pool holds now (read from its allocator: `engine/admission.py`)."""
+
+    num_seqs: int            # requests holding blocks
+    reserved_tokens: int     # sum of their prompt + max_tokens (maximum lengths)
     num_free_blocks: int
+    current_tokens: int = 0  # sum of their current lengths (prompt + tokens generated so far)
 
 
 class OffloadPolicy:
@@ -28,7 +42,13 @@ class OffloadPolicy:
         self._admitted = 0
         self._lock = threading.Lock()
 
-    def should_offload(self, num_tokens: int, num_blocks: int, local: PoolLoad, remote: PoolLoad) -> bool:
+    def should_offload(self, num_tokens: int, num_blocks: int, local: PoolLoad, remote: PoolLoad,
+                       prompt_tokens: int | None = None) -> bool:
+        """Whether a new request goes to the executor.
+
+        ``num_tokens``: its maximum length (prompt + max_tokens); ``num_blocks``: the blocks it
+        reserves; ``prompt_tokens``: its current length when it joins (its maximum when not given).
+        """
         if self.mode == "never":
             return False
         if self.mode == "always":
@@ -41,9 +61,12 @@ class OffloadPolicy:
             return math.floor((i + 1) * self.ratio + 1e-9) > math.floor(i * self.ratio + 1e-9)
         if num_blocks > remote.num_free_blocks:
             return False
-        load_ok = remote.reserved_tokens + num_tokens <= self.bound * local.reserved_tokens  # C1
-        batch_ok = remote.num_seqs + 1 <= self.bound * local.num_seqs                        # C2
-        return load_ok and batch_ok
+        current = num_tokens if prompt_tokens is None else prompt_tokens
+        ob = self.bound
+        c1 = remote.reserved_tokens + num_tokens <= ob * local.reserved_tokens
+        c2 = (remote.current_tokens + current <= ob * local.current_tokens
+              and remote.num_seqs + 1 <= ob * local.num_seqs)
+        return c1 and c2
 
     @property
     def is_strict(self) -> bool:

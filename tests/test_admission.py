@@ -16,7 +16,8 @@ BLOCK = 4
 
 # --- OffloadPolicy -------------------------------------------------------------------------------
 
-LOCAL = PoolLoad(num_seqs=4, reserved_tokens=1000, num_free_blocks=100)
+# Current lengths as large as the reservations: C2's length term binds only in tests/test_policy.py.
+LOCAL = PoolLoad(num_seqs=4, reserved_tokens=1000, num_free_blocks=100, current_tokens=1000)
 IDLE_REMOTE = PoolLoad(num_seqs=0, reserved_tokens=0, num_free_blocks=100)
 
 
@@ -136,7 +137,7 @@ def test_release_returns_the_blocks(pools):
 
 def test_auto_falls_back_to_decode_when_the_executor_pool_is_full(pools):
     adm = admission(pools, "auto")
-    pools["decode"].allocate(2, 100)      # local load: 1 seq, 100 tokens → offloading 8 tokens is allowed
+    pools["decode"].allocate(2, 100, 50)  # local load: 1 seq, 100 tokens, 50 now → offloading 8 (4 now) is allowed
     assert adm.admit(4, 4).pool == "executor"
     fill(pools["executor"])
     assert adm.admit(4, 4).pool == "decode"

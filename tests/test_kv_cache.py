@@ -4,7 +4,17 @@ import multiprocessing
 
 import pytest
 
-from adrenaline_py.kv_cache import BlockAllocator, blocks_needed
+from adrenaline_py.config import NAMED_SHAPES, EngineConfig
+from adrenaline_py.kv_cache import (
+    BlockAllocator,
+    GpuMemory,
+    activation_bytes,
+    blocks_for_memory,
+    blocks_needed,
+    kv_block_bytes,
+    plan_pool_blocks,
+    weight_bytes,
+)
 
 
 @pytest.fixture
@@ -142,3 +152,114 @@ def test_a_spawned_process_sees_and_updates_the_same_state(tmp_path):
 
 def test_blocks_needed_rounds_up():
     assert [blocks_needed(n, 16) for n in (1, 15, 16, 17, 32, 33)] == [1, 1, 1, 2, 2, 3]
+
+
+# --- current lengths ---------------------------------------------------------------------------
+
+def test_prompts_count_as_current_tokens_until_freed(alloc):
+    a = alloc.allocate(3, 40, prompt_tokens=30)
+    b = alloc.allocate(2, 25, prompt_tokens=20)
+    assert alloc.current_tokens == 50
+    alloc.publish_generated(7)              # decode's count of generated tokens, one store
+    assert alloc.current_tokens == 57
+    alloc.free(a, 40)                       # the prompt recorded under a's first block goes with it
+    assert alloc.current_tokens == 27
+    alloc.publish_generated(0)
+    alloc.free(b, 25)
+    assert (alloc.current_tokens, *counters(alloc)) == (0, 8, 0, 0)
+    c = alloc.allocate(3, 10)               # no prompt given: counts nothing
+    assert alloc.current_tokens == 0
+    alloc.free(c, 10)
+
+
+# --- pool sizes from GPU memory ------------------------------------------------------------------
+# llama-2-7b in bfloat16, block 16, max_model_len 4096, 64 decode rows, 8192 prefill tokens, on GPUs of
+# 80 GiB: budget int(0.9 × 80 GiB) = 77309411328 bytes. Pieces (kv_cache.py):
+#   block      2 × 32 layers × 16 × 32 heads × 128 × 2 B                  = 8388608 (8 MiB)
+#   weights    6738415616 params × 2 B + RoPE 2 × 4096 × 128 × 4 B         = 13481025536
+#   activations (8192 tokens) 2 × (8192 × max(28672, 45312) × 2 B + 3 × 64 × 32000 × 4 B) = 1533935616
+#   exchange   64 × 2 × (32 + 32) × 128 × 2 B                              = 2097152
+#   context 1 GiB per process, graphs 512 MiB per role
+# GPU D: 1 GiB + weights + activations + 512 MiB + exchange = 16627671040 → (77309411328 - 16627671040) // 8 MiB = 7233
+# GPU P: 2 GiB + weights + activations + 512 MiB            = 17699315712 → 7106
+# one GPU (3 processes, 2 weight copies, both activations and graphs, exchange) = 34326986752 → 5123 blocks
+
+GIB = 1 << 30
+LLAMA7B = NAMED_SHAPES["llama-2-7b"]
+H80 = GpuMemory(free_bytes=80 * GIB, total_bytes=80 * GIB)
+
+
+def cuda_engine(**kw):
+    base = dict(model="dummy:llama-2-7b", device="cuda", dtype="bfloat16", max_model_len=4096, max_tokens_limit=1024,
+                max_decode_batch=64, max_prefill_tokens=8192, block_size=16, gpu_memory_utilization=0.9)
+    base.update(kw)
+    return EngineConfig(**base)
+
+
+def test_block_bytes_and_blocks_for_memory():
+    assert kv_block_bytes(LLAMA7B, 16, 2) == 8 * 2**20
+    assert kv_block_bytes(NAMED_SHAPES["tiny"], 16, 4) == 2 * 2 * 16 * 2 * 16 * 4
+    assert blocks_for_memory(10 * GIB, 8 * 2**20, 2 * GIB) == 1024
+    assert blocks_for_memory(10 * GIB + 8 * 2**20 - 1, 8 * 2**20, 2 * GIB) == 1024   # whole blocks only
+    assert blocks_for_memory(GIB, 8 * 2**20, 2 * GIB) == 0
+    with pytest.raises(ValueError):
+        blocks_for_memory(GIB, 0)
+
+
+def test_weight_bytes_are_the_models_parameters():
+    import torch
+
+    from adrenaline_py.models.llama import LlamaForCausalLM
+
+    for name in ("tiny", "llama-2-7b", "llama-3.1-8b"):
+        with torch.device("meta"):
+            model = LlamaForCausalLM(NAMED_SHAPES[name], max_positions=64)
+        assert weight_bytes(NAMED_SHAPES[name], 2) == 2 * sum(p.numel() for p in model.parameters())
+    assert weight_bytes(LLAMA7B, 2, 4096) == 13481025536
+
+
+def test_activation_bytes_by_hand():
+    # tiny: attention 3×64 + (4 + 4)×16 + 4×16 = 384, MLP 3×64 + 3×128 = 576 per token;
+    # 2 × (100 tokens × 576 × 2 B + 3 × 2 rows × 512 × 4 B) = 254976
+    assert activation_bytes(NAMED_SHAPES["tiny"], 100, 2, 2) == 254976
+    assert activation_bytes(LLAMA7B, 8192, 64, 2) == 1533935616
+
+
+def test_two_gpus_each_pool_gets_what_its_gpu_has_left():
+    plan = plan_pool_blocks(LLAMA7B, cuda_engine(prefill_gpu=0, decode_gpu=1), {0: H80, 1: H80}, 0.3)
+    assert (plan.num_decode_blocks, plan.num_executor_blocks) == (7233, 7106)
+    assert len(plan.notes) == 2 and plan.notes[0].startswith("GPU 0: budget 72.00 GiB")
+
+
+def test_free_memory_bounds_the_budget():
+    busy = GpuMemory(free_bytes=60 * GIB, total_bytes=80 * GIB)   # another tenant holds 20 GiB
+    plan = plan_pool_blocks(LLAMA7B, cuda_engine(prefill_gpu=0, decode_gpu=1), {0: H80, 1: busy}, 0.3)
+    assert plan.num_decode_blocks == (60 * GIB - 16627671040) // (8 * 2**20) == 5697
+    assert "free memory" in plan.notes[1]
+
+
+@pytest.mark.parametrize("fraction, executor", [(0.3, 1536), (0.0, 256), (1.0, 5123 - 256)])
+def test_one_gpu_splits_what_is_left(fraction, executor):
+    # 5123 blocks in all; the executor gets int(fraction × 5123), and each pool at least one request of
+    # max_model_len (4096 / 16 = 256 blocks)
+    plan = plan_pool_blocks(LLAMA7B, cuda_engine(), {0: H80}, fraction)
+    assert (plan.num_executor_blocks, plan.num_decode_blocks) == (executor, 5123 - executor)
+
+
+def test_one_process_shares_context_and_weights():
+    # adrenaline generate: 1 context and 1 weight copy; both activations and graphs, exchange: 6986 blocks
+    plan = plan_pool_blocks(LLAMA7B, cuda_engine(), {0: H80}, 0.0, one_process=True)
+    assert plan.num_decode_blocks + plan.num_executor_blocks == 6986
+
+
+def test_an_explicit_pool_keeps_its_size_and_the_other_gets_the_rest():
+    plan = plan_pool_blocks(LLAMA7B, cuda_engine(num_executor_blocks=1000), {0: H80}, 0.3)
+    assert (plan.num_decode_blocks, plan.num_executor_blocks) == (5123 - 1000, 1000)
+
+
+def test_too_little_memory_is_a_clear_error():
+    small = GpuMemory(free_bytes=16 * GIB, total_bytes=16 * GIB)
+    with pytest.raises(ValueError, match="fewer than one request of max_model_len 4096 needs"):
+        plan_pool_blocks(LLAMA7B, cuda_engine(prefill_gpu=0, decode_gpu=1), {0: small, 1: small}, 0.3)
+    with pytest.raises(ValueError, match="no memory figures for GPU 1"):
+        plan_pool_blocks(LLAMA7B, cuda_engine(prefill_gpu=0, decode_gpu=1), {0: H80}, 0.3)

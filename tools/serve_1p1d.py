@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from adrenaline_py.config import EngineConfig  # noqa: E402
+from adrenaline_py.config import DEFAULT_EXECUTOR_SM_SHARE, DEFAULT_PREFILL_SM_SHARE, EngineConfig  # noqa: E402
 from adrenaline_py.engine.executor import executor_state  # noqa: E402
 from adrenaline_py.serving.launcher import Server, ServerOptions  # noqa: E402
 from adrenaline_py.serving.loadgen import stream_events  # noqa: E402
@@ -167,8 +167,8 @@ def main() -> int:
     p.add_argument("--warmup", type=float, default=10.0)
     p.add_argument("--blocks", type=int, default=8192, help="KV blocks per pool (room to spare)")
     p.add_argument("--no-kill", action="store_true")
-    p.add_argument("--executor-sm-share", type=int, default=EngineConfig().executor_sm_share)
-    p.add_argument("--prefill-sm-share", type=int, default=EngineConfig().prefill_sm_share)
+    p.add_argument("--executor-sm-share", type=int, default=DEFAULT_EXECUTOR_SM_SHARE)
+    p.add_argument("--prefill-sm-share", type=int, default=DEFAULT_PREFILL_SM_SHARE)
     p.add_argument("--out", default=os.environ.get("OUT"))
     a = p.parse_args()
     os.environ.update({"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"})

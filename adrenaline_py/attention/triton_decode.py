@@ -218,6 +218,13 @@ def store_kv_triton(kv: torch.Tensor, layer: int, slots: torch.Tensor, k: torch.
     )
 
 
+def sm_count(device: torch.device) -> int:
+    """SMs this process may run on. Under MPS the driver already reports the client's share
+    (measured on an H200: 38 of 132 at ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=30``), so the
+    executor's grid is sized for the SMs it actually gets."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 @dataclass(frozen=True)
 class DecodeKernelConfig:
     partition: int   # tokens per program; multiple of block_n
@@ -230,15 +237,18 @@ class DecodeKernelConfig:
 def default_config(
     batch: int, num_kv_heads: int, group: int, head_dim: int, page: int, max_seq_len: int, num_sms: int = 132
 ) -> DecodeKernelConfig:
-    """Launch configuration tuned on an H100 (`tools/bench_attention.py --sweep`, 2026-11-23).
+    """Launch configuration from sweeps on an H100 (`tools/bench_attention.py --sweep`, 2026-11-23)
+    and an H200 at every MPS share from 10 to 100 % (`adrenaline profile`, 2026-11-30).
 
-    The sweep's best at batch >= 16 (contexts 1K-4K, GQA 32/8 and MHA 32/32, head dim 128) was one
-    partition per (sequence, KV head) with 32-token tiles, 4 warps, 3 stages: splitting the context
-    only added partial-output traffic and the merge kernel once batch x KV heads >= 128 programs.
-    The context is split only when there are too few (sequence, KV head) pairs to occupy the SMs
-    (batch 16 at 4K ran 1.4x slower unsplit than split in 512-token partitions).
+    At batch >= 64 (contexts 1K-4K, GQA 32/8 and MHA 32/32, head dim 128) the best was one
+    partition per (sequence, KV head): splitting the context only added partial-output traffic and
+    the merge kernel once batch x KV heads >= 128 programs. On the H200, 64-token tiles, 4 warps,
+    3 stages were best or within 2 % of it at every share (3-10 % over 32-token tiles; the H100
+    sweep had preferred 32). The context is split only when there are too few (sequence, KV head)
+    pairs to occupy the SMs (batch 16 at 4K ran 1.4x slower unsplit than split in 512-token
+    partitions); ``num_sms`` is what this process gets (its MPS share).
     """
-    block_n = max(32, page)
+    block_n = max(64, page)
     pairs = batch * num_kv_heads
     partition = 1 << max(0, (max_seq_len - 1).bit_length())  # one partition covers every sequence
     if pairs < 2 * num_sms:
@@ -291,8 +301,7 @@ def paged_decode_attention_triton(
     seq_lens = seq_lens.contiguous()
     group = Hq // Hkv
     if config is None:
-        num_sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 132
-        config = default_config(B, Hkv, group, D, page, max_seq_len, num_sms)
+        config = default_config(B, Hkv, group, D, page, max_seq_len, sm_count(q.device) if q.is_cuda else 132)
     use_dot = config.use_dot
     block_h = max(16, _next_pow2(group)) if use_dot else _next_pow2(group)
     block_n = max(config.block_n, 16 if use_dot else 1)

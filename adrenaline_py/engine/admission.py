@@ -40,7 +40,7 @@ class Ticket:
 
 
 def _load(a: BlockAllocator) -> PoolLoad:
-    return PoolLoad(a.num_seqs, a.reserved_tokens, a.num_free)
+    return PoolLoad(a.num_seqs, a.reserved_tokens, a.num_free, a.current_tokens)
 
 
 class Admission:
@@ -76,7 +76,7 @@ class Admission:
         use_executor = self._uses_executor and self.executor_alive()
         local, remote = self._allocators("decode"), self._allocators("executor") if use_executor else None
         offload = self.policy.should_offload(
-            reserved, n, _load(local), _load(remote) if remote else PoolLoad(0, 0, 0)
+            reserved, n, _load(local), _load(remote) if remote else PoolLoad(0, 0, 0), num_prompt_tokens
         )
         order = ["executor", "decode"] if offload and remote else ["decode", "executor"]
         if remote is None:
@@ -90,7 +90,7 @@ class Admission:
                 f"request needs {n} KV blocks (prompt + max_tokens = {reserved} tokens), more than a pool holds "
                 f"({max(capacity.values())} blocks)"
             )
-        ticket = self._try(order, capacity, n, reserved)
+        ticket = self._try(order, capacity, n, reserved, num_prompt_tokens)
         if ticket is not None:
             return ticket
         with self._lock:
@@ -103,7 +103,7 @@ class Admission:
             deadline = time.monotonic() + self.timeout_s
             while True:
                 time.sleep(self.poll_s)
-                ticket = self._try(order, capacity, n, reserved)
+                ticket = self._try(order, capacity, n, reserved, num_prompt_tokens)
                 if ticket is not None:
                     return ticket
                 if cancelled():
@@ -118,16 +118,23 @@ class Admission:
             with self._lock:
                 self.num_waiting -= 1
 
-    def _try(self, order: list[str], capacity: dict[str, int], n: int, reserved: int) -> Ticket | None:
+    def _try(self, order: list[str], capacity: dict[str, int], n: int, reserved: int, prompt: int) -> Ticket | None:
         for name in order:
             allocator = self._allocators(name)
-            if n <= capacity[name] and (blocks := allocator.allocate(n, reserved)) is not None:
+            if n <= capacity[name] and (blocks := allocator.allocate(n, reserved, prompt)) is not None:
                 return Ticket(name, blocks, reserved, allocator)
         return None
 
     @property
     def _uses_executor(self) -> bool:
         return self.policy.mode != "never"
+
+    def loads(self) -> dict[str, PoolLoad]:
+        """What each pool holds now (the executor's only while it is up), as the policy sees it."""
+        out = {"decode": _load(self._allocators("decode"))}
+        if self._uses_executor and self.executor_alive():
+            out["executor"] = _load(self._allocators("executor"))
+        return out
 
     def release(self, ticket: Ticket) -> None:
         (ticket.allocator or self._allocators(ticket.pool)).free(ticket.block_table, ticket.reserved_tokens)

@@ -8,6 +8,7 @@ generate`) and as the reference the served output is compared with.
 from __future__ import annotations
 
 import itertools
+import logging
 import tempfile
 import threading
 from dataclasses import dataclass, replace
@@ -26,7 +27,10 @@ from adrenaline_py.kv_cache import KVPool
 from adrenaline_py.loader import Checkpoint, build_model
 from adrenaline_py.placement import Placement, bind
 from adrenaline_py.policy import OffloadPolicy
+from adrenaline_py.profile import measure_gpus, needs_gpus, resolve_engine
 from adrenaline_py.request import GenerationParams
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -44,6 +48,11 @@ class LocalEngine:
         if engine.run_dir == EngineConfig().run_dir:
             self._tmp = tempfile.TemporaryDirectory(prefix="adrenaline-local-", dir="/dev/shm")
             engine = replace(engine, run_dir=self._tmp.name)
+        # Shares, pool sizes (this process allocates both pools: its memory, measured here) and OB.
+        gpus = measure_gpus({engine.prefill_gpu, engine.decode_gpu}) if needs_gpus(engine) else None
+        engine = resolve_engine(engine, ckpt.config, gpus, one_process=True)
+        for note in engine.extra["resolution"]:
+            log.info("%s", note)
         self.engine = engine
         self.ckpt = ckpt
         self.placement = placement = Placement.of(engine)

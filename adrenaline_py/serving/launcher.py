@@ -34,6 +34,7 @@ from pathlib import Path
 from string import Template
 
 from adrenaline_py.config import EngineConfig
+from adrenaline_py.profile import needs_gpus, probe_gpus, resolve_engine
 from adrenaline_py.serving.triton_runtime import (
     DEFAULT_RESTRICTED_APIS,
     TritonRuntime,
@@ -72,6 +73,22 @@ class ServerOptions:
     drain_timeout_s: float = 30.0     # tritonserver --exit-timeout-secs (rounded up to whole seconds)
     stop_grace_s: float = 30.0        # after the drain timeout, before the process group is killed
     die_with_parent: bool = False     # tritonserver gets SIGTERM when the launching thread dies
+
+
+def resolve_for_serving(engine: EngineConfig) -> EngineConfig:
+    """engine with its open settings resolved (adrenaline_py/profile.py: resolve_engine): on cuda
+    from the model's shape, the GPUs' memory and names (read in a child process, before the MPS
+    daemon starts) and the GPU's profile; the reasons are in ``extra["resolution"]``."""
+    if not needs_gpus(engine):
+        return resolve_engine(engine)
+    from adrenaline_py.loader import load_checkpoint
+
+    model = load_checkpoint(engine.model, with_weights=False).config
+    try:
+        gpus = probe_gpus({engine.prefill_gpu, engine.decode_gpu})
+    except (RuntimeError, subprocess.TimeoutExpired) as e:  # no usable GPU: a bad --device (exit status 2)
+        raise ValueError(f"--device cuda: {e}") from None
+    return resolve_engine(engine, model, gpus)
 
 
 def fill_model_repository(dst: Path, values: dict[str, str], src: Path = MODEL_REPOSITORY) -> Path:
@@ -122,6 +139,8 @@ class Server:
                 raise ValueError("the API key must have at least 16 characters")
             # fail now, not in tritonserver, on a bad API name, header or key
             _restriction_args(options.restricted_apis, (options.api_key_header, self.api_key))
+        # SM shares, pool sizes and OB, once for every role (roles attach the pools by size)
+        engine = resolve_for_serving(engine)
         if not engine.run_dir or engine.run_dir == EngineConfig().run_dir:
             base = str(SHM_DIR) if SHM_DIR.is_dir() else None
             run_dir = tempfile.mkdtemp(prefix=f"adrenaline-{options.http_port}-", dir=base)
@@ -425,6 +444,8 @@ def serve_forever(engine: EngineConfig, options: ServerOptions) -> int:
         server.start()
         print(f"adrenaline: starting tritonserver (model {engine.model}, device {engine.device}, "
               f"offload {engine.offload}); run dir {server.run_dir}", file=sys.stderr, flush=True)
+        for note in server.engine.extra.get("resolution", []):
+            print(f"adrenaline: {note}", file=sys.stderr, flush=True)
         try:
             server.wait_ready(cancel=stop_requested)
         except InterruptedError:

@@ -56,6 +56,11 @@ class ExecutorBlocks:
             return
         allocator.free(ids, reserved_tokens)
 
+    def publish_generated(self, num_tokens: int) -> None:
+        """Decode's generated-token count of its offloaded requests, into the live generation's pool
+        (requests of a dead generation count there until decode moves them, at its next step)."""
+        self._attached().publish_generated(num_tokens)
+
     def _attached(self) -> BlockAllocator:
         if self._allocator is None:
             raise LookupError("no executor pool attached yet")

@@ -24,6 +24,7 @@ from supervisor import WorkerGone, WorkerSupervisor
 
 from adrenaline_py.engine.executor import clear_executor_state
 from adrenaline_py.loader import load_checkpoint
+from adrenaline_py.profile import resolve_sm_shares
 
 
 class Role:
@@ -31,7 +32,7 @@ class Role:
         self.engine = engine_config(config)
         # The MPS share must be set before CUDA is touched; the worker inherits it.
         if self.engine.device == "cuda":
-            os.environ["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(self.engine.executor_sm_share)
+            os.environ["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(resolve_sm_shares(self.engine, None)[1])
         setup_process("attention", self.engine)
         run_dir = self.engine.run_dir
         # The model's shape, read once here: a restarted worker starts without reading the checkpoint.

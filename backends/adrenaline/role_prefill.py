@@ -40,6 +40,7 @@ from supervisor import WorkerGone, WorkerSupervisor
 
 from adrenaline_py.engine.executor import parse_pool_label
 from adrenaline_py.kv_cache import POOL_NAMES
+from adrenaline_py.profile import resolve_sm_shares
 from adrenaline_py.request import GenerationParams
 
 #: how long a batch waits for a restarted worker (it loads the model again)
@@ -51,7 +52,7 @@ class Role:
         self.engine = e = engine_config(config)
         # The MPS share must be set before CUDA is touched; the worker inherits it.
         if e.device == "cuda":
-            os.environ["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(e.prefill_sm_share)
+            os.environ["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(resolve_sm_shares(e, None)[0])
         setup_process("prefill", e)
         self.worker = WorkerSupervisor("prefill", engine_config_path(config))
         self.worker.start()

@@ -42,6 +42,7 @@ from adrenaline_py.engine.admission import Admission, AdmissionTimeout, Overload
 from adrenaline_py.engine.executor import STALE_POOL_ERROR, executor_state, pool_label
 from adrenaline_py.kv_cache import POOL_NAMES, BlockAllocator
 from adrenaline_py.policy import OffloadPolicy
+from adrenaline_py.profile import offload_bound_in_force
 from adrenaline_py.request import GenerationParams, InvalidRequest
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -67,7 +68,11 @@ class Role:
         self._executor: GenerationAllocator | None = None
         self._attach_lock = threading.Lock()
         self._checked = -STATE_CHECK_S
-        self.admission = Admission(self._allocator, OffloadPolicy(e.offload, e.offload_bound), e.block_size,
+        for note in e.extra.get("resolution", []):  # how the launcher derived shares, pools and OB
+            log.info("launcher: %s", note)
+        bound, why = offload_bound_in_force(e)
+        log.info("offload %s; %s", e.offload, why)
+        self.admission = Admission(self._allocator, OffloadPolicy(e.offload, bound), e.block_size,
                                    e.admission_timeout_s, max_waiting=e.max_queued_requests,
                                    executor_alive=lambda: executor_state(e.run_dir) is not None)
         workers = e.max_queued_requests + 2 * e.max_decode_batch  # waiting ones + those in prefill
@@ -167,12 +172,22 @@ class Role:
 
 
 class SchedulerMetrics:
-    """Requests waiting for KV room, rejections by reason, admissions by pool."""
+    """Requests waiting for KV room, rejections by reason, admissions by pool; the offload bound in
+    force and the loads the policy compares with it (executor KV blocks: decode's
+    adrenaline_kv_blocks_used{pool="executor"})."""
 
     def __init__(self, admission: Admission) -> None:
         self.admission = admission
         self.admitted: Counter[str] = Counter()
         self.waiting = family("adrenaline_admission_waiting", "requests waiting for KV cache room", "GAUGE").Metric()
+        self.bound = family("adrenaline_offload_bound",
+                            "offload bound OB of --offload auto: offloaded load / local load allowed", "GAUGE").Metric()
+        self.ratio = family("adrenaline_offload_ratio",
+                            "share of the requests holding KV blocks whose attention is offloaded", "GAUGE").Metric()
+        loads = family("adrenaline_offload_load_ratio",
+                       "offloaded / local load, as auto compares it with OB: max_tokens (C1), current_tokens and "
+                       "requests (C2); 0 without local load", "GAUGE")
+        self.loads = {m: loads.Metric(labels={"measure": m}) for m in ("max_tokens", "current_tokens", "requests")}
         self._rejected = family("adrenaline_admission_rejected_total",
                                 "requests rejected at admission, by reason", "COUNTER")
         self._admitted = family("adrenaline_admitted_total", "requests admitted, by KV pool (executor = offloaded)",
@@ -182,6 +197,22 @@ class SchedulerMetrics:
 
     def update(self) -> None:
         self.waiting.set(self.admission.num_waiting)
+        self.bound.set(self.admission.policy.bound)
+        try:
+            loads = self.admission.loads()
+        except (StalePool, TimeoutError):  # a pool not there yet: keep the last values
+            loads = None
+        if loads is not None:
+            local, remote = loads["decode"], loads.get("executor")
+            offloaded = remote.num_seqs if remote is not None else 0
+            held = local.num_seqs + offloaded
+            self.ratio.set(offloaded / held if held else 0.0)
+            for measure, mine, theirs in (
+                ("max_tokens", local.reserved_tokens, remote.reserved_tokens if remote else 0),
+                ("current_tokens", local.current_tokens, remote.current_tokens if remote else 0),
+                ("requests", local.num_seqs, offloaded),
+            ):
+                self.loads[measure].set(theirs / mine if mine else 0.0)
         for kind, counts, fam, label in (("rejected", self.admission.rejected, self._rejected, "reason"),
                                          ("admitted", self.admitted, self._admitted, "pool")):
             for key, count in list(counts.items()):

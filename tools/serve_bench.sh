@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# One served-workload point per configuration: start `adrenaline serve` with the configuration's
+# flags, wait until it is ready, run `adrenaline bench serve` against it, stop it, next.
+#
+#   CONFIGS="never:--offload never;auto:--offload auto" \
+#   SERVE_ARGS="--device cuda --model dummy:llama-2-7b --prefill-gpu 0 --decode-gpu 1" \
+#   BENCH_ARGS="--dataset fixed --input-len 512 --output-len 512 --concurrency 400 --duration 90" \
+#   bash tools/serve_bench.sh
+#
+# Environment: CONFIGS ("label:flags;label:flags"), SERVE_ARGS (flags of every server), BENCH_ARGS
+# (flags of every `bench serve`; --model is taken from SERVE_ARGS), PY [python3], OUT [/tmp/serve-bench]
+# (bench JSONs under $OUT/bench, server logs $OUT/serve_<label>.log), READY_TIMEOUT_S [300], BENCH_PY
+# [$PY] (the Python of `bench serve`, which needs aiohttp and tqdm).
+set -u
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
+PY=${PY:-python3}
+BENCH_PY=${BENCH_PY:-$PY}
+OUT=${OUT:-/tmp/serve-bench}
+READY_TIMEOUT_S=${READY_TIMEOUT_S:-300}
+PORT=${PORT:-18000}
+mkdir -p "$OUT/bench"
+MODEL=$(sed -n 's/.*--model \([^ ]*\).*/\1/p' <<<"$SERVE_ARGS")
+rc_all=0
+IFS=';' read -r -a configs <<<"$CONFIGS"
+for config in "${configs[@]}"; do
+    label=${config%%:*}
+    flags=${config#*:}
+    log="$OUT/serve_$label.log"
+    echo "[serve-bench] $label: adrenaline serve $SERVE_ARGS $flags"
+    # shellcheck disable=SC2086
+    $PY -m adrenaline_py.cli serve $SERVE_ARGS $flags --http-port "$PORT" --grpc-port $((PORT + 1)) \
+        --metrics-port $((PORT + 2)) >"$log" 2>&1 &
+    pid=$!
+    t0=$(date +%s)
+    until curl -sf "http://127.0.0.1:$PORT/v2/health/ready" >/dev/null; do
+        if ! kill -0 "$pid" 2>/dev/null || [ $(($(date +%s) - t0)) -gt "$READY_TIMEOUT_S" ]; then
+            echo "[serve-bench] $label: the server did not become ready; last log lines:"
+            tail -n 30 "$log"
+            kill -TERM "$pid" 2>/dev/null
+            wait "$pid"
+            rc_all=1
+            continue 2
+        fi
+        sleep 2
+    done
+    echo "[serve-bench] $label: ready after $(($(date +%s) - t0)) s"
+    grep -E "SM shares|offload bound|KV pools|profile" "$log" | head -n 8
+    # shellcheck disable=SC2086
+    $BENCH_PY -m adrenaline_py.cli bench serve --url "http://127.0.0.1:$PORT" \
+        --metrics-url "http://127.0.0.1:$((PORT + 2))/metrics" --model "$MODEL" --label "$label" \
+        --result-dir "$OUT/bench" --no-progress $BENCH_ARGS || rc_all=1
+    kill -TERM "$pid"
+    wait "$pid"
+done
+exit $rc_all
