@@ -1,8 +1,11 @@
 """`DecodeScheduler` with fake pools and hand-made runner outputs (no model runs)."""
 
+import threading
 import time
 
-from adrenaline_py.engine.decode import DecodeScheduler, Sequence
+import torch
+
+from adrenaline_py.engine.decode import DecodeEngine, DecodeScheduler, Sequence
 from adrenaline_py.request import GenerationParams, SamplingParams
 
 EOS = 2
@@ -218,3 +221,54 @@ def test_wait_for_work_returns_at_once_when_there_is_work():
     start = time.monotonic()
     sched.wait_for_work(timeout=5.0)
     assert time.monotonic() - start < 1.0
+
+
+# --- the loop's failure path ---------------------------------------------------------------------
+class CountingAllocator(FakeAllocator):
+    def publish_generated(self, n):
+        pass
+
+
+class FailOnceRunner:
+    """Raises on its first step (a failed decode step), then returns token 7 for every row."""
+
+    device = torch.device("cpu")
+
+    def __init__(self):
+        self.calls = 0
+        self.transport = type("T", (), {"close": lambda self: None})()
+
+    def run(self, plan):
+        self.calls += 1
+        if self.calls == 1:
+            raise RuntimeError("boom")
+        return [7] * len(plan.seqs)
+
+
+def test_a_request_added_while_a_failed_step_is_reported_is_not_lost():
+    """Regression: the loop took its snapshot of the held requests, sent their errors, then cleared
+    the queue under a second lock, so a request added in between vanished with its blocks."""
+    pools = {"decode": FakePool(), "executor": FakePool()}
+    for pool in pools.values():
+        pool.allocator = CountingAllocator()
+    sched = DecodeScheduler(pools.__getitem__, 4)
+    events, late = [], make_seq(2, max_tokens=2)
+    done = threading.Event()
+
+    def emit(evs):
+        events.extend(evs)
+        if any(e.error for e in evs) and late.seq_id not in {e.seq.seq_id for e in events[:-len(evs)]}:
+            engine.add(late)                    # a request arrives while the failure is being reported
+        if any(e.seq.seq_id == 2 and e.finish_reason for e in evs):
+            done.set()
+
+    engine = DecodeEngine(sched, FailOnceRunner(), emit)
+    engine.add(make_seq(1))
+    engine.start()
+    try:
+        assert done.wait(5), "the request added during the failure report never finished"
+    finally:
+        engine.stop()
+    ends = {e.seq.seq_id: (e.finish_reason, e.error) for e in events if e.finish_reason}
+    assert ends == {1: ("error", "decode step failed: RuntimeError: boom"), 2: ("length", None)}
+    assert freed(pools) == [([10, 11], 11), ([20, 21], 5)]   # both requests gave their blocks back

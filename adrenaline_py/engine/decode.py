@@ -196,6 +196,19 @@ class DecodeScheduler:
             self._free(seq)
         return [TokenEvent(s, [], "error", error) for s in seqs]
 
+    def fail_all(self, error: str) -> list[TokenEvent]:
+        """End every request held now with an error. The requests are taken in one critical section:
+        a request added while the errors are sent stays queued for the next step (taking a snapshot
+        and clearing the queue under two locks lost a request added in between, with its blocks)."""
+        with self._lock:
+            held = [*self.running, *self.waiting]
+            self.running, self.waiting = [], deque()
+        for seq in held:
+            seq.finish_reason = "error"
+            self.finished["error"] += 1
+            self._free(seq)
+        return [TokenEvent(s, [], "error", error) for s in held]
+
     def migrate_to_local(self, seq: Sequence, block_table: list[int]) -> None:
         """Point an offloaded request at its recomputed KV in decode's pool."""
         try:
@@ -360,8 +373,4 @@ class DecodeEngine:
             except Exception as e:  # never let one bad step kill the loop silently
                 log.exception("decode step failed")
                 self.runner.transport.close()  # the executor lets go of a step we will not finish
-                with self.scheduler.has_work:
-                    running = list(self.scheduler.running) + list(self.scheduler.waiting)
-                self.emit(self.scheduler.fail(running, f"decode step failed: {type(e).__name__}: {e}"))
-                with self.scheduler.has_work:
-                    self.scheduler.waiting.clear()
+                self.emit(self.scheduler.fail_all(f"decode step failed: {type(e).__name__}: {e}"))
