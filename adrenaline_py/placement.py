@@ -55,10 +55,13 @@ class Placement:
         return self.decode != self.executor
 
 
-def bind(device: torch.device) -> None:
+def bind(device: torch.device, own_stream: bool = False) -> None:
     """Make ``device`` this thread's current CUDA device, with its primary context current (no-op on CPU).
 
-    Call it first in every process and thread that launches work on a GPU.
+    Call it first in every process and thread that launches work on a GPU. ``own_stream``: this
+    thread's work goes to a stream of its own (torch's current stream is per thread). The decode
+    loop and the executor need it: in one process on one GPU they would otherwise share the default
+    stream, and the executor's kernels would queue behind decode's spin-wait for them (a deadlock).
     """
     if device.type != "cuda":
         return
@@ -67,6 +70,8 @@ def bind(device: torch.device) -> None:
     from adrenaline_py import cuda_driver
 
     cuda_driver.make_current(index)  # driver calls (IPC, memory) of this thread use it too
+    if own_stream:
+        torch.cuda.set_stream(torch.cuda.Stream(index))  # pool streams are non-blocking: no implicit sync
 
 
 def bind_role(role: str, engine: EngineConfig) -> torch.device:

@@ -365,7 +365,7 @@ class DecodeEngine:
         return True
 
     def _loop(self) -> None:
-        bind(self.runner.device)
+        bind(self.runner.device, own_stream=True)
         while not self._stop.is_set():
             try:
                 if not self.step():

@@ -96,7 +96,7 @@ class AttentionExecutor:
         self._server.close()
 
     def _serve(self) -> None:
-        bind(self.device)
+        bind(self.device, own_stream=True)
         while not self._stop.is_set():
             try:
                 channel, epoch = self._server.accept()
