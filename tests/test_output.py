@@ -60,12 +60,13 @@ def test_streaming_deltas_add_up_to_the_text_and_the_token_count():
     assert all(c.num_input_tokens == len(PROMPT) for c in sent)
 
 
-def test_streaming_holds_partial_characters_and_counts_their_tokens_later():
+def test_streaming_holds_partial_characters_but_answers_every_token():
     seq = make_seq(stream=True)
     _, results = play(seq, events_for(seq, "a日", None))
-    # 'a' at once; the three bytes of 日 send nothing until the last one, which covers all three.
+    # 'a' at once; the first two bytes of 日 get responses with no text (a token each: clients time
+    # tokens by responses), the last byte brings the whole character.
     assert [None if c is None else (c.text, c.num_output_tokens) for c, _ in results] == [
-        ("a", 1), None, None, ("日", 3)
+        ("a", 1), ("", 1), ("", 1), ("日", 1)
     ]
 
 

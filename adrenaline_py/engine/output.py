@@ -75,7 +75,10 @@ class RequestOutput:
         if reason is not None:
             self.done = True
         if self.stream:
-            if not delta and reason is None:
+            # One response per decode step even when the text is held back (a partial UTF-8
+            # character, a possible stop string, a dummy model's bytes): clients and benchmarks
+            # time tokens by responses, as with vLLM's per-step outputs (TTFT is the first one).
+            if not delta and reason is None and not ev.token_ids:
                 return None, False
             chunk = ResponseChunk(delta, self.num_unsent_tokens, self.num_input_tokens, reason)
             self.num_unsent_tokens = 0
