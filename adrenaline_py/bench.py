@@ -9,7 +9,10 @@ For each model shape (dummy weights of the real shape, drawn on the GPU) this me
   inputs, CUDA-graph replay, logits, argmax, tokens back on the host) at batch 1-256, context 1K
   and 4K, next to its roofline: (weight bytes read + KV bytes read) / copy bandwidth. Weight bytes
   are every matrix the step reads (the embedding table is excluded: a step gathers only B rows
-  of it); KV bytes are batch × context × per-token K+V bytes over all layers;
+  of it); KV bytes are batch × context × per-token K+V bytes over all layers; and next to the
+  per-kernel roofline: each kernel of the step (`step_kernels`) at the slower of bytes / copy
+  bandwidth and FLOPs / the measured matmul rate, summed;
+- the same step with sampling (temperature 0.8, top-p 0.95, the engine's sampler) next to greedy;
 - output tokens/s = batch / step time.
 
 Shapes whose KV cache does not fit next to the weights are listed as such, not skipped silently.
@@ -36,6 +39,8 @@ from adrenaline_py.config import ModelConfig
 from adrenaline_py.engine.cuda_graphs import DecodeGraphs
 from adrenaline_py.loader import build_model, load_checkpoint
 from adrenaline_py.models.llama import LlamaForCausalLM
+from adrenaline_py.request import SamplingParams
+from adrenaline_py.sampler import SamplingRow, sample
 
 DEFAULT_SHAPES = ("llama-3.1-8b", "llama-2-7b", "llama-2-13b")
 DEFAULT_BATCHES = (1, 16, 64, 128, 256)
@@ -55,6 +60,8 @@ class StepResult:
     graph_ms: float | None = None     # the captured layers alone (GPU time)
     roofline_ms: float | None = None
     flop_floor_ms: float | None = None  # matrix + attention FLOPs / measured bf16 matmul rate
+    kernel_floor_ms: float | None = None  # per-kernel roofline: sum of max(bytes / copy, FLOPs / matmul rate)
+    sampled_ms: float | None = None   # the same step with temperature 0.8, top-p 0.95 on every row
     weight_gb: float = 0.0
     kv_gb: float = 0.0
     tokens_per_s: float | None = None
@@ -120,6 +127,46 @@ def weight_bytes_read(model: LlamaForCausalLM) -> int:
         seen.add(id(p))
         total += p.numel() * p.element_size()
     return total
+
+
+def step_kernels(cfg: ModelConfig, batch: int, ctx: int, elem: int) -> list[tuple[str, float, float]]:
+    """(kernel, bytes, FLOPs) of one decode step, kernel by kernel as the step runs them.
+
+    Bytes are what each kernel must move at least (weights once, activations in and out, the
+    context's K/V once); FLOPs are its multiply-adds x 2. Norms, RoPE, the KV store and the
+    activation count bytes only.
+    """
+    h, inter, vocab = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    b = batch
+    qkv = (hq + 2 * hkv) * d
+
+    def gemm(name: str, k: int, n: int) -> tuple[str, float, float]:
+        return name, (k * n + b * k + b * n) * elem, 2 * b * k * n
+
+    layer = [
+        ("input norm", 2 * b * h * elem + h * elem, 0.0),
+        gemm("qkv projection", h, qkv),
+        ("rope", 2 * b * (hq + hkv) * d * elem, 0.0),
+        ("kv store", 2 * b * 2 * hkv * d * elem, 0.0),
+        ("attention", (b * ctx * 2 * hkv * d + 2 * b * hq * d) * elem, 4 * b * ctx * hq * d),
+        gemm("output projection", hq * d, h),
+        ("post-attention norm (fused add)", 3 * b * h * elem + h * elem, 0.0),
+        gemm("gate/up projection", h, 2 * inter),
+        ("silu and mul", 3 * b * inter * elem, 0.0),
+        gemm("down projection", inter, h),
+    ]
+    kernels = [(f"{name} (x{cfg.num_hidden_layers})", nbytes * cfg.num_hidden_layers, flops * cfg.num_hidden_layers)
+               for name, nbytes, flops in layer]
+    kernels += [("final norm", 2 * b * h * elem + h * elem, 0.0), gemm("LM head", h, vocab),
+                ("token choice", b * vocab * elem, 0.0)]
+    return kernels
+
+
+def kernel_floor_ms(cfg: ModelConfig, batch: int, ctx: int, elem: int, copy_gbs: float, tflops: float) -> float:
+    """Per-kernel roofline: each kernel at the slower of its byte and FLOP floors, summed."""
+    return sum(max(nbytes / copy_gbs / 1e6, flops / tflops / 1e9) for _, nbytes, flops in
+               step_kernels(cfg, batch, ctx, elem))
 
 
 def _random_pool(cfg: ModelConfig, num_blocks: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -189,6 +236,7 @@ def bench_decode_step(
         flops = 2 * batch * weights / elem + 4 * batch * ctx * cfg.num_attention_heads * cfg.head_dim * \
             cfg.num_hidden_layers
         res.flop_floor_ms = flops / tflops / 1e9
+        res.kernel_floor_ms = kernel_floor_ms(cfg, batch, ctx, elem, copy_gbs, tflops)
     nb = math.ceil(ctx / PAGE)
     num_blocks = batch * nb + 1
     pool_bytes = num_blocks * PAGE * kv_bytes_per_token(cfg, elem)
@@ -228,9 +276,17 @@ def bench_decode_step(
         hidden = forward()
         return model.compute_logits(hidden).argmax(-1).tolist()  # tokens back on the host: a full step
 
+    rows = [SamplingRow(SamplingParams(max_tokens=ctx, temperature=0.8, top_p=0.95, seed=i), [7] * (i % 5))
+            for i in range(batch)]
+
+    def sampled_step():
+        return sample(model.compute_logits(forward()), rows)  # the engine's one sampler
+
     step()
     res.step_ms = timer(step, rep_ms=500)
     res.tokens_per_s = batch / res.step_ms * 1e3
+    sampled_step()
+    res.sampled_ms = timer(sampled_step, rep_ms=500)
     return res
 
 
@@ -247,8 +303,10 @@ def run(shapes, batches, contexts, device: torch.device, dtype: torch.dtype, use
         "medians. Device-to-device copy (read + write bytes): "
         f"**{copy_gbs:.0f} GB/s**." + (f" Dense {str(dtype).removeprefix('torch.')} matmul (8192³): "
                                          f"**{tflops:.0f} TFLOP/s**." if tflops else ""),
-        "Roofline = (weight bytes + KV bytes read) / copy bandwidth; FLOP floor = the step's matrix and "
-        "attention FLOPs / the matmul rate (it passes the roofline at large batches).",
+        "Roofline = (weight bytes + KV bytes read) / copy bandwidth; per-kernel roofline = the sum over the "
+        "step's kernels (bench.step_kernels) of max(bytes / copy bandwidth, FLOPs / matmul rate); FLOP floor = "
+        "the step's matrix and attention FLOPs / the matmul rate. Sampled step = the same step with the "
+        "engine's sampler at temperature 0.8, top-p 0.95 on every row (greedy: argmax).",
     ]
     report: dict = {"device": name, "copy_gbs": copy_gbs, "matmul_tflops": tflops, "steps": [], "attention": []}
     profiles: list[str] = []
@@ -266,13 +324,15 @@ def run(shapes, batches, contexts, device: torch.device, dtype: torch.dtype, use
         model = build_model(ckpt, dtype, device, max_positions=max(contexts) + 16)
         lines += ["", f"## {shape}: decode step", "",
                   "| batch | context | step ms | layers (graph) ms | roofline ms | step / roofline | "
+                  "per-kernel roofline ms | step / per-kernel | sampled step ms | sampled / greedy | "
                   "FLOP floor ms | weights GB | KV GB | tokens/s |",
-                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for ctx in contexts:
             for batch in batches:
                 r = bench_decode_step(shape, model, dtype, device, batch, ctx, copy_gbs, use_graphs,
                                       profile=use_graphs and profile == (batch, ctx), tflops=tflops)
                 floor = f"{r.flop_floor_ms:.2f}" if r.flop_floor_ms is not None else "—"
+                kfloor = f"{r.kernel_floor_ms:.2f}" if r.kernel_floor_ms is not None else "—"
                 if r.profile:
                     profiles.append(f"### {shape}, batch {batch}, context {ctx}: kernels of one step's layers"
                                     f"\n\n{r.profile}")
@@ -280,12 +340,14 @@ def run(shapes, batches, contexts, device: torch.device, dtype: torch.dtype, use
                     torch.cuda.empty_cache()  # the pool and graphs of this shape are gone: give back
                 report["steps"].append(asdict(r))
                 if r.step_ms is None:
-                    lines.append(f"| {batch} | {ctx} | — | — | {r.roofline_ms:.2f} | — | {floor} | {r.weight_gb:.1f} | "
-                                 f"{r.kv_gb:.1f} | {r.note} |")
+                    lines.append(f"| {batch} | {ctx} | — | — | {r.roofline_ms:.2f} | — | {kfloor} | — | — | — | "
+                                 f"{floor} | {r.weight_gb:.1f} | {r.kv_gb:.1f} | {r.note} |")
                 else:
                     graph = f"{r.graph_ms:.2f}" if r.graph_ms is not None else "—"
+                    per_kernel = f"{r.step_ms / r.kernel_floor_ms:.2f}" if r.kernel_floor_ms else "—"
                     lines.append(f"| {batch} | {ctx} | {r.step_ms:.2f} | {graph} | {r.roofline_ms:.2f} | "
-                                 f"{r.step_ms / r.roofline_ms:.2f} | {floor} | {r.weight_gb:.1f} | {r.kv_gb:.1f} | "
+                                 f"{r.step_ms / r.roofline_ms:.2f} | {kfloor} | {per_kernel} | {r.sampled_ms:.2f} | "
+                                 f"{r.sampled_ms / r.step_ms:.2f} | {floor} | {r.weight_gb:.1f} | {r.kv_gb:.1f} | "
                                  f"{r.tokens_per_s:.0f} |")
                 print(lines[-1], flush=True)
         del model

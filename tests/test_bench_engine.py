@@ -1,0 +1,31 @@
+"""The per-kernel model of a decode step (`adrenaline bench engine`), against the model itself."""
+
+import torch
+
+from adrenaline_py.bench import kernel_floor_ms, kv_bytes_per_token, step_kernels, weight_bytes_read
+from adrenaline_py.loader import build_model, load_checkpoint
+
+
+def test_step_kernels_read_every_weight_once_and_the_context_kv_once():
+    ckpt = load_checkpoint("dummy:tiny")
+    cfg = ckpt.config
+    model = build_model(ckpt, torch.float32, torch.device("cpu"), max_positions=64)
+    # With no rows only the weights remain: they must be exactly the parameters a step reads.
+    empty = step_kernels(cfg, batch=0, ctx=0, elem=4)
+    assert sum(nbytes for _, nbytes, _ in empty) == weight_bytes_read(model)
+    assert sum(flops for _, _, flops in empty) == 0
+    attention = {name: (nbytes, flops) for name, nbytes, flops in step_kernels(cfg, 3, 100, 4)}
+    att_bytes, att_flops = attention[f"attention (x{cfg.num_hidden_layers})"]
+    q_and_out = 2 * 3 * cfg.num_attention_heads * cfg.head_dim * 4 * cfg.num_hidden_layers
+    assert att_bytes == 3 * 100 * kv_bytes_per_token(cfg, 4) + q_and_out
+    assert att_flops == 4 * 3 * 100 * cfg.num_attention_heads * cfg.head_dim * cfg.num_hidden_layers
+
+
+def test_kernel_floor_takes_the_slower_bound_of_each_kernel():
+    cfg = load_checkpoint("dummy:llama-3.1-8b").config
+    kernels = step_kernels(cfg, 256, 1024, 2)
+    fast_math = kernel_floor_ms(cfg, 256, 1024, 2, copy_gbs=4000.0, tflops=1e9)   # bytes bind everywhere
+    assert abs(fast_math - sum(b for _, b, _ in kernels) / 4000.0 / 1e6) < 1e-9
+    slow_math = kernel_floor_ms(cfg, 256, 1024, 2, copy_gbs=4000.0, tflops=100.0)
+    assert slow_math > fast_math                                               # FLOPs bind the GEMMs
+    assert slow_math >= sum(f for _, _, f in kernels) / 100.0 / 1e9
