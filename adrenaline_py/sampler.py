@@ -1,33 +1,72 @@
-"""The one sampler: logits processing (min tokens, bad words), greedy, temperature, top-k, top-p.
+"""The one sampler: logits processing (min tokens, bad words, repetition / presence / frequency
+penalties), greedy, temperature, top-k, top-p.
 
-Randomness is reproducible per request and independent of batching and of which process samples
-(prefill samples a request's first token, decode the rest): output token ``i`` of a request is
-drawn with a generator seeded from ``(seed, i)``.
+Vectorized: the whole batch is processed with batched tensor ops on the logits' device and the
+chosen tokens come back to the host in one transfer; no per-row loop touches the logits.
+
+Randomness is reproducible per request and independent of batching, of the row's position and of
+which process samples (prefill samples a request's first token, decode the rest): output token
+``i`` of a request is the Gumbel-max choice ``argmax(scores + g)``, where the noise ``g`` of each
+vocabulary entry is a pure integer hash of ``(seed, i, token id)`` (counter-based: no generator
+state), so a request draws the same token whatever else is in its batch, on CPU and GPU alike.
+Gumbel-max picks token t with probability softmax(scores)[t], i.e. exactly the categorical draw.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from adrenaline_py.request import SamplingParams
 
-_MASK_64 = (1 << 64) - 1
+_M32 = 0xFFFFFFFF
 
 
 @dataclass
 class SamplingRow:
     params: SamplingParams
     output_ids: list[int]   # tokens generated so far (the row samples token len(output_ids))
+    prompt_ids: Sequence[int] = ()  # read only by the penalties
 
 
-def _row_seed(seed: int, index: int) -> int:
-    # splitmix64 of (seed, index): nearby seeds and indices give unrelated streams.
-    z = (seed * 0x9E3779B97F4A7C15 + index + 1) & _MASK_64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK_64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK_64
-    return (z ^ (z >> 31)) & ((1 << 63) - 1)
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2**32 for 0 <= x < 2**32, in int64 without overflow (16-bit halves)."""
+    return ((x & 0xFFFF) * c + ((((x >> 16) * c) & 0xFFFF) << 16)) & _M32
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mix (lowbias32): nearby inputs give unrelated outputs."""
+    x = x & _M32
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+_TOKEN_HASHES: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _token_hashes(vocab: int, device: torch.device) -> torch.Tensor:
+    """The per-token half of the noise's key, computed once per vocabulary size and device."""
+    key = (vocab, str(device))
+    if key not in _TOKEN_HASHES:
+        _TOKEN_HASHES[key] = _hash32(_mul32(torch.arange(vocab, device=device, dtype=torch.int64), 0x2545F491))
+    return _TOKEN_HASHES[key]
+
+
+def gumbel_noise(seeds: list[int], indices: list[int], vocab: int, device: torch.device) -> torch.Tensor:
+    """[B, V] float32 Gumbel noise, a pure function of each row's (seed, output index) and the token id."""
+    lo = torch.tensor([s & _M32 for s in seeds], dtype=torch.int64)
+    hi = torch.tensor([(s >> 32) & _M32 for s in seeds], dtype=torch.int64)
+    idx = torch.tensor([i & _M32 for i in indices], dtype=torch.int64)
+    key = (_hash32(lo) ^ _hash32(hi ^ 0x85EBCA6B) ^ _hash32(idx + 0x9E3779B9)).to(device)
+    tok = _token_hashes(vocab, device)
+    bits = _hash32(key[:, None] ^ tok[None, :])
+    u = ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))   # 24 bits: exact in float32, in (0, 1)
+    return -torch.log(-torch.log(u))
 
 
 def _banned_tokens(row: SamplingRow) -> list[int]:
@@ -45,37 +84,43 @@ def _banned_tokens(row: SamplingRow) -> list[int]:
 def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[int]:
     """logits: [B, V] (any float dtype) for the rows' next tokens → one token id per row.
 
-    Greedy rows take the argmax in the logits' own dtype (exact: widening to fp32 changes no order),
-    so a greedy batch costs one pass over the logits; sampled rows are widened to fp32 one by one.
+    Greedy rows take the argmax in the logits' own dtype (exact: widening to fp32 changes no order);
+    sampled rows are widened to fp32 together. One host transfer for the whole batch.
     """
-    banned = {i: b for i, row in enumerate(rows) if (b := _banned_tokens(row))}
+    banned = [(i, t) for i, row in enumerate(rows) for t in _banned_tokens(row)]
     if banned:
         logits = logits.clone()  # banning writes -inf: never into the caller's tensor
-        for i, b in banned.items():
-            logits[i, b] = float("-inf")
-    greedy = logits.argmax(dim=-1).tolist()
-    out = []
-    for i, row in enumerate(rows):
-        p = row.params
-        if p.is_greedy:
-            out.append(greedy[i])
-            continue
-        out.append(_sample_row(logits[i].float(), p, len(row.output_ids)))
-    return out
+        where = torch.tensor(banned, dtype=torch.int64).to(logits.device)
+        logits[where[:, 0], where[:, 1]] = float("-inf")
+    sampled = [i for i, row in enumerate(rows) if not row.params.is_greedy]
+    choice = logits.argmax(dim=-1)
+    if sampled:
+        if len(sampled) == len(rows):
+            choice = _sample_rows(logits.float(), rows)
+        else:
+            idx = torch.tensor(sampled, dtype=torch.int64).to(logits.device)
+            choice[idx] = _sample_rows(logits[idx].float(), [rows[i] for i in sampled])
+    return choice.tolist()
 
 
-def _sample_row(logits: torch.Tensor, p: SamplingParams, index: int) -> int:
-    scores = logits / p.temperature
-    if p.top_k > 0 and p.top_k < scores.shape[-1]:
-        kth = torch.topk(scores, p.top_k).values[-1]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if p.top_p < 1.0:
-        sorted_scores, order = torch.sort(scores, descending=True)
-        probs = sorted_scores.softmax(-1)
-        # Keep the smallest prefix whose mass reaches top_p (always at least one token).
-        drop = probs.cumsum(-1) - probs >= p.top_p
-        sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
-        scores = torch.full_like(scores, float("-inf")).scatter(0, order, sorted_scores)
-    probs = scores.softmax(-1)
-    gen = torch.Generator(device="cpu").manual_seed(_row_seed(p.seed, index))
-    return int(torch.multinomial(probs.cpu(), 1, generator=gen).item())
+def _sample_rows(scores: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """[S, V] fp32 logits of sampled rows → [S] token ids: temperature, top-k, top-p, Gumbel-max."""
+    dev, vocab = scores.device, scores.shape[-1]
+    ps = [r.params for r in rows]
+    temps = torch.tensor([p.temperature for p in ps], dtype=torch.float32).to(dev)
+    scores = scores / temps[:, None]
+    cut_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in ps]
+    cut_p = [p.top_p for p in ps]
+    if min(cut_k) < vocab or min(cut_p) < 1.0:
+        # One batched sort: keep each row's top-k, then the smallest prefix whose mass (renormalised
+        # over the top-k) reaches top-p; always at least the best token.
+        ordered, order = torch.sort(scores, dim=-1, descending=True)
+        keep = torch.arange(vocab, device=dev)[None, :] < torch.tensor(cut_k, dtype=torch.int64).to(dev)[:, None]
+        if min(cut_p) < 1.0:
+            probs = ordered.masked_fill(~keep, float("-inf")).softmax(-1)
+            top_p = torch.tensor(cut_p, dtype=torch.float32).to(dev)
+            keep &= (probs.cumsum(-1) - probs) < top_p[:, None]
+        ordered = ordered.masked_fill(~keep, float("-inf"))
+        scores = torch.full_like(scores, float("-inf")).scatter(1, order, ordered)
+    noise = gumbel_noise([p.seed for p in ps], [len(r.output_ids) for r in rows], vocab, dev)
+    return (scores + noise).argmax(dim=-1)

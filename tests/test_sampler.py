@@ -172,3 +172,27 @@ def test_bad_words_and_min_tokens_ban_only_their_own_row():
     logits = logits_of([0.2, 0.8]).expand(2, -1).clone()
     rows = [SamplingRow(params(bad_words_ids=((1,),)), []), SamplingRow(params(), [])]
     assert sample(logits, rows) == [0, 1]
+
+
+def _lowbias32(x: int) -> int:
+    """The integer mix of the noise, in plain Python integers (the reference)."""
+    x &= 0xFFFFFFFF
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def test_noise_hash_is_the_32_bit_mix_computed_without_overflow():
+    from adrenaline_py.sampler import _hash32
+
+    values = [0, 1, 2, 0xFFFF, 0x10000, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, 123456789, 2**32 - 12345]
+    assert _hash32(torch.tensor(values, dtype=torch.int64)).tolist() == [_lowbias32(v) for v in values]
+
+
+def test_seeds_beyond_32_bits_draw_different_streams():
+    uniform = torch.zeros(1000)
+    a = draws(uniform, params(temperature=1.0, seed=5), 50)
+    b = draws(uniform, params(temperature=1.0, seed=5 + (1 << 32)), 50)
+    assert sum(x == y for x, y in zip(a, b, strict=True)) < 5
