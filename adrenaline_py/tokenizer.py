@@ -8,7 +8,9 @@ turn into a stop string is held back, so streamed deltas concatenate to the non-
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import jinja2
@@ -36,6 +38,24 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write the tokenizer as a Hugging Face tokenizer directory (``tokenizer.json``,
+        ``tokenizer_config.json``, ``special_tokens_map.json``), loadable with
+        ``transformers.AutoTokenizer.from_pretrained``: what genai-perf's ``--tokenizer`` takes."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save(str(out / "tokenizer.json"))
+        special = dict(self.special_tokens)
+        if "eos_token" not in special and self.eos_token_ids:
+            special["eos_token"] = self.tokenizer.id_to_token(self.eos_token_ids[0])
+        config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+                                  "model_max_length": 1 << 30, **special}
+        if self.chat_template:
+            config["chat_template"] = self.chat_template
+        (out / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
+        (out / "special_tokens_map.json").write_text(json.dumps(special, indent=1))
+        return out
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
         if not self.chat_template:

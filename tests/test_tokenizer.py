@@ -215,3 +215,24 @@ def test_property_incremental_decode_of_any_text(byte_tok, text):
     deltas = feed_one_by_one(IncrementalDetokenizer(byte_tok, []), ids, final_last=False)
     assert "".join(deltas) == text
     assert not any("\ufffd" in d for d in deltas) or "\ufffd" in text
+
+
+@pytest.mark.parametrize("spec", ["smollm2", "dummy:llama-2-7b"])
+def test_exported_hf_tokenizer_encodes_decodes_and_templates_as_ours(spec, tmp_path):
+    """`adrenaline tokenizer` output, loaded by transformers (as genai-perf does), agrees with ours."""
+    transformers = pytest.importorskip("transformers")
+    from adrenaline_py.cli import main
+    from adrenaline_py.loader import load_checkpoint
+
+    assert main(["tokenizer", "--model", spec, "--out", str(tmp_path / "tok")]) == 0
+    ours = load_checkpoint(spec, with_weights=False).tokenizer
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    for text in ["The capital of France is", "naïve café 日本語 🎉\n\tdone", ""]:
+        ids = ours.encode(text)
+        assert hf.encode(text) == ids
+        assert hf.decode(ids, skip_special_tokens=True) == ours.decode(ids)
+    assert hf.convert_tokens_to_ids(hf.eos_token) in ours.eos_token_ids
+    if ours.chat_template:
+        messages = [{"role": "user", "content": "hi"}]
+        assert hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
+            ours.apply_chat_template(messages)
