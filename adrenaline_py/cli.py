@@ -122,6 +122,14 @@ def cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tokenizer(a: argparse.Namespace) -> int:
+    from adrenaline_py.loader import load_checkpoint
+
+    out = load_checkpoint(a.model, with_weights=False).tokenizer.save_pretrained(a.out)
+    print(out)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="adrenaline", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -199,6 +207,13 @@ def main(argv: list[str] | None = None) -> int:
 
     bench_profile.add_arguments(pr)
     pr.set_defaults(func=bench_profile.main)
+
+    tk = sub.add_parser("tokenizer", help="write the model's tokenizer as a Hugging Face tokenizer directory "
+                                          "(for genai-perf --tokenizer and other HF tools)",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    tk.add_argument("--model", default=EngineConfig().model, help="as for serve")
+    tk.add_argument("--out", required=True, help="directory to write")
+    tk.set_defaults(func=cmd_tokenizer)
 
     a = parser.parse_args(argv)
     try:
