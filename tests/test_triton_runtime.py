@@ -136,3 +136,45 @@ def test_tritonserver_echo_roundtrip(tmp_path: Path) -> None:
     finally:
         _stop(proc)
     assert proc.returncode is not None
+
+
+def test_perf_analyzer_wrapper_moves_the_binary_aside_and_finds_libcudart(tmp_path: Path) -> None:
+    """A fake venv: `perf_analyzer` is an ELF binary (a copy of /bin/echo); after the install the
+    wrapper runs it with the wheel's libcudart directory first on LD_LIBRARY_PATH; twice is a no-op."""
+    try:
+        rt = TritonRuntime.locate()
+    except TritonRuntimeError as exc:
+        pytest.skip(str(exc))
+    import dataclasses
+    import shutil
+
+    bin_dir = tmp_path / "venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    shutil.copy2("/bin/echo", bin_dir / "perf_analyzer")
+    fake = dataclasses.replace(rt, python_executable=bin_dir / "python")
+    for _ in range(2):
+        wrapper = fake.install_perf_analyzer_wrapper()
+        assert wrapper == bin_dir / "perf_analyzer"
+        assert (bin_dir / "perf_analyzer.bin").read_bytes()[:4] == b"\x7fELF"
+    out = subprocess.run([str(wrapper), "hello"], capture_output=True, text=True, check=True,
+                         env={"PATH": "/usr/bin:/bin", "LD_LIBRARY_PATH": "/elsewhere"})
+    assert out.stdout == "hello\n"
+    libs = tmp_path / "venv" / "lib" / "perf_analyzer_libs"
+    assert (libs / "libcudart.so.12").resolve().is_file()
+    script = wrapper.read_text()
+    assert f'LD_LIBRARY_PATH="{libs}' in script and "perf_analyzer.bin" in script
+
+
+def test_installed_perf_analyzer_starts_without_extra_environment() -> None:
+    """`make venv` installs the wrapper: a plain `perf_analyzer --version` must load its libraries."""
+    try:
+        rt = TritonRuntime.locate()
+    except TritonRuntimeError as exc:
+        pytest.skip(str(exc))
+    if rt.perf_analyzer is None:
+        pytest.skip("perf_analyzer not installed (tritonclient[all])")
+    if not subprocess.run(["sh", "-c", "ldconfig -p | grep -q libb64.so.0d"]).returncode == 0:
+        pytest.skip("perf_analyzer needs Debian's libb64-0d (tools/install_system_deps.sh installs it)")
+    out = subprocess.run([str(rt.perf_analyzer), "--version"], capture_output=True, text=True, timeout=60,
+                         env={"PATH": "/usr/bin:/bin"})
+    assert "Perf Analyzer Version" in out.stdout + out.stderr, out.stderr

@@ -441,10 +441,34 @@ class TritonRuntime:
         env["LD_LIBRARY_PATH"] = _join_paths(libdir, env.get("LD_LIBRARY_PATH"))
         return env
 
+    def install_perf_analyzer_wrapper(self) -> Path | None:
+        """Make a plain ``perf_analyzer`` start (and genai-perf, which runs it from ``PATH``).
+
+        tritonclient's binary needs ``libcudart.so.12``, which a CPU host lacks; the nvidia-pytriton
+        wheel bundles one. The binary is moved to ``perf_analyzer.bin`` and replaced by a two-line
+        wrapper that puts a directory holding a ``libcudart.so.12`` link first on
+        ``LD_LIBRARY_PATH``. Idempotent; returns the wrapper, or None without tritonclient's binary.
+        """
+        bin_dir = self.python_executable.parent
+        wrapper, real = bin_dir / "perf_analyzer", bin_dir / "perf_analyzer.bin"
+        if wrapper.is_file() and wrapper.read_bytes()[:4] == b"\x7fELF":
+            wrapper.replace(real)  # a (re)installed binary: move it aside again
+        if not real.is_file():
+            return None
+        env = self.perf_analyzer_environment(bin_dir.parent / "lib", base_env={})  # <venv>/lib/perf_analyzer_libs
+        libs = env["LD_LIBRARY_PATH"].split(os.pathsep)[0]
+        wrapper.write_text('#!/bin/sh\n# adrenaline: perf_analyzer with the libcudart.so.12 of nvidia-pytriton\n'
+                           f'LD_LIBRARY_PATH="{libs}${{LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}}" exec "{real}" "$@"\n')
+        wrapper.chmod(0o755)
+        return wrapper
+
 
 if __name__ == "__main__":
     if sys.argv[1:] == ["--probe"]:
         print(json.dumps(_probe_current()))
+    elif sys.argv[1:] == ["--install-perf-analyzer"]:
+        installed = TritonRuntime.locate().install_perf_analyzer_wrapper()
+        print(f"perf_analyzer: {installed}" if installed else "perf_analyzer: not installed (tritonclient[all])")
     else:
         rt = TritonRuntime.locate()
         for k, v in rt.__dict__.items():
