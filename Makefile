@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml Makefile tools/install_system_deps.sh
 	# libb64 for perf_analyzer (and a shared libpython if missing); tolerated without root.
 	PYTHON=$(PY) bash tools/install_system_deps.sh || echo "warning: system packages missing; perf_analyzer tests will skip"
 	# perf_analyzer (and genai-perf) find the wheel's libcudart.so.12 through a wrapper script.
-	$(PY) -m adrenaline_py.serving.triton_runtime --install-perf-analyzer
+	$(PY) -m adrenaline_py.serving.triton_runtime --install-perf-analyzer || echo "warning: perf_analyzer wrapper not installed"
 	touch $@
 
 serve: venv
