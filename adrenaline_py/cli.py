@@ -56,6 +56,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-cuda-graphs", action="store_true", help="run every decode step eagerly (cuda only)")
     g.add_argument("--offload-timeout", type=float, default=d.offload_timeout_s,
                    help="seconds an offloaded step may stall before the executor is killed and replaced")
+    g.add_argument("--heartbeat-timeout", type=float, default=d.heartbeat_timeout_s,
+                   help="seconds a worker or stub may go without a heartbeat (stopped, wedged) before it is "
+                        "killed and restarted")
 
 
 def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
@@ -71,6 +74,7 @@ def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
         max_prefill_tokens=a.max_prefill_tokens, num_sender_threads=a.num_sender_threads,
         admission_timeout_s=a.admission_timeout, max_queued_requests=a.max_queued_requests, seed=a.seed,
         cuda_graphs=not a.no_cuda_graphs, offload_timeout_s=a.offload_timeout,
+        heartbeat_timeout_s=a.heartbeat_timeout,
     )
 
 
@@ -87,8 +91,11 @@ def cmd_serve(a: argparse.Namespace) -> int:
     options = ServerOptions(
         address=a.address, http_port=a.http_port, grpc_port=a.grpc_port, metrics_port=a.metrics_port,
         max_batch_size=a.max_batch_size, log_verbose=a.log_verbose, use_mps=not a.no_mps,
+        vllm_model_name=a.vllm_model_name,
         restricted_apis=apis, api_key=a.api_key or os.environ.get(API_KEY_ENV) or None,
         api_key_header=a.api_key_header, drain_timeout_s=a.drain_timeout, stop_grace_s=a.stop_grace,
+        front=not a.no_front, http_max_body_bytes=a.http_max_body_bytes, http_max_json_depth=a.http_max_json_depth,
+        served_model_name=a.served_model_name, max_restarts=a.max_restarts,
     )
     return serve_forever(engine_config_from_args(a), options)
 
@@ -143,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--grpc-port", type=int, default=8001)
     g.add_argument("--metrics-port", type=int, default=8002)
     g.add_argument("--max-batch-size", type=int, default=64, help="Triton max_batch_size of the models")
+    g.add_argument("--vllm-model-name", default="vllm_model",
+                   help="name of the vLLM-backend-style entry model ('' leaves it out)")
     g.add_argument("--log-verbose", type=int, default=0)
     g.add_argument("--no-mps", action="store_true", help="do not start the CUDA MPS daemon (cuda only)")
     g.add_argument("--drain-timeout", type=float, default=30.0,
@@ -150,6 +159,19 @@ def main(argv: list[str] | None = None) -> int:
                         "--exit-timeout-secs, rounded up)")
     g.add_argument("--stop-grace", type=float, default=30.0,
                    help="seconds tritonserver gets after the drain timeout before it and its stubs are killed")
+    g.add_argument("--max-restarts", type=int, default=5,
+                   help="restarts of a tritonserver (and of an HTTP front) that died, per 10 minutes, before "
+                        "the launcher gives up")
+    g = s.add_argument_group("HTTP front (crash guards for tritonserver 2.51, OpenAI API)")
+    g.add_argument("--no-front", action="store_true",
+                   help="expose tritonserver's HTTP directly on --http-port, without the front: UNSAFE with 2.51, "
+                        "where a body of 4 MB or JSON nested 100,000 deep crashes the server; no OpenAI API")
+    g.add_argument("--http-max-body-bytes", type=int, default=1 << 20,
+                   help="larger request bodies get 413 from the front (after decompression)")
+    g.add_argument("--http-max-json-depth", type=int, default=32,
+                   help="request bodies with JSON nested deeper get 400 from the front")
+    g.add_argument("--served-model-name", default=None,
+                   help="the model name of the OpenAI API (/v1/models); default: the --model value")
     g = s.add_argument_group("security")
     g.add_argument("--restricted-apis", default="model-repository,shared-memory,logging,trace",
                    help="comma-separated tritonserver API groups that need the API key header (health, "

@@ -180,6 +180,9 @@ class EngineConfig:
     seed: int = 0                      # weights seed for dummy models
     cuda_graphs: bool = True           # decode and executor steps replay CUDA graphs (CUDA only)
     offload_timeout_s: float = 60.0    # an offloaded step stalled this long: the executor is killed and replaced
+    # A worker or stub silent this long (no heartbeat: SIGSTOP, wedged) is killed and restarted
+    # (backends/adrenaline/supervisor.py; stubs by the launcher, adrenaline_py/serving/health.py).
+    heartbeat_timeout_s: float = 10.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -205,6 +208,8 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and not 1 <= value <= 100:
                 raise ValueError(f"{name} must be a percentage in [1, 100], got {value}")
+        if not self.heartbeat_timeout_s > 0:
+            raise ValueError(f"heartbeat_timeout_s must be > 0, got {self.heartbeat_timeout_s}")
         if self.offload_bound is not None and not self.offload_bound >= 0:
             raise ValueError(f"offload_bound must be >= 0, got {self.offload_bound}")
         for name in ("ttft_slo_ms", "tpot_slo_ms"):

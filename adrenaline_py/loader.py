@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from adrenaline_py.config import ModelConfig
-from adrenaline_py.models.llama import LlamaForCausalLM, stack_hf_projections
 from adrenaline_py.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # torch and the model only in build_model: the HTTP front loads just the tokenizer
+    import torch
+
+    from adrenaline_py.models.llama import LlamaForCausalLM
 
 
 @dataclass
@@ -47,7 +50,7 @@ def load_checkpoint(spec: str, with_weights: bool = True) -> Checkpoint:
     if path.suffix == ".gguf":
         from adrenaline_py.weights.gguf import load_gguf
 
-        g = load_gguf(path)
+        g = load_gguf(path, with_weights=with_weights)
         st = g.special_tokens
         special = {k: v for k, v in (("bos_token", st.bos_token), ("eos_token", st.eos_token)) if v}
         eos_ids = [*g.config.eos_token_ids, *([st.eos_token_id] if st.eos_token_id is not None else [])]
@@ -61,6 +64,10 @@ def build_model(
     ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, max_positions: int, seed: int = 0
 ) -> LlamaForCausalLM:
     """The model on ``device`` in ``dtype``; dummy weights are drawn there directly."""
+    import torch
+
+    from adrenaline_py.models.llama import LlamaForCausalLM, stack_hf_projections
+
     with torch.device("meta"):
         model = LlamaForCausalLM(ckpt.config, max_positions=max_positions)
     model = model.to_empty(device=device).to(dtype)

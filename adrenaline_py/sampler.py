@@ -81,6 +81,57 @@ def _banned_tokens(row: SamplingRow) -> list[int]:
     return banned
 
 
+def _token_counts(lists: list[Sequence[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    """[len(lists), vocab] fp32: how often each token occurs in each list."""
+    counts = torch.zeros(len(lists), vocab, dtype=torch.float32, device=device)
+    row = torch.tensor([r for r, ids in enumerate(lists) for _ in ids], dtype=torch.int64)
+    if row.numel():
+        tok = torch.tensor([t for ids in lists for t in ids], dtype=torch.int64)
+        counts.index_put_((row.to(device), tok.to(device)), torch.ones(len(tok), device=device), accumulate=True)
+    return counts
+
+
+def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Repetition, presence and frequency penalties of the rows that ask for them (batched).
+
+    Two conventions (``SamplingParams.penalty_mode``), as the entry model's backend does it:
+
+    - ``"trtllm"`` (TensorRT-LLM's penalty kernel): the logits are divided by the temperature
+      first, then penalized; all three penalties count prompt and output tokens together.
+    - ``"vllm"`` (vLLM's sampler): penalized first, then divided by the temperature; repetition
+      counts prompt and output, presence and frequency count the output only.
+
+    Repetition divides a seen token's positive logit by the penalty and multiplies a negative one;
+    presence subtracts the penalty once per seen token; frequency once per occurrence. A greedy
+    row (temperature 0) is penalized without a temperature. The returned rows are in the scale
+    that the temperature step then divides (a "trtllm" row is multiplied back by its temperature),
+    so greedy and sampled rows go on as without penalties.
+    """
+    idx = [i for i, row in enumerate(rows) if row.params.has_penalties]
+    if not idx:
+        return logits
+    dev, vocab = logits.device, logits.shape[-1]
+    ps = [rows[i].params for i in idx]
+    out_n = _token_counts([rows[i].output_ids for i in idx], vocab, dev)
+    prompt_n = _token_counts([rows[i].prompt_ids for i in idx], vocab, dev)
+
+    def column(values: list[float]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float32).to(dev)[:, None]
+
+    trt = [p.penalty_mode == "trtllm" for p in ps]
+    pre = column([p.temperature if t and p.temperature > 0 else 1.0 for p, t in zip(ps, trt)])
+    rep = column([p.repetition_penalty for p in ps])
+    scores = logits[idx].float() / pre
+    scores = torch.where(out_n + prompt_n > 0, torch.where(scores > 0, scores / rep, scores * rep), scores)
+    n = out_n + prompt_n * column([float(t) for t in trt])
+    scores = scores - column([p.presence_penalty for p in ps]) * (n > 0) - column([p.frequency_penalty for p in ps]) * n
+    # Full precision for every row from here: a penalized row written back into bf16 logits would
+    # lose the small differences the penalties make.
+    out = logits.to(torch.float32, copy=True)
+    out[torch.tensor(idx, dtype=torch.int64).to(dev)] = scores * pre
+    return out
+
+
 def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[int]:
     """logits: [B, V] (any float dtype) for the rows' next tokens → one token id per row.
 
@@ -92,6 +143,7 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[int]:
         logits = logits.clone()  # banning writes -inf: never into the caller's tensor
         where = torch.tensor(banned, dtype=torch.int64).to(logits.device)
         logits[where[:, 0], where[:, 1]] = float("-inf")
+    logits = _apply_penalties(logits, rows)
     sampled = [i for i, row in enumerate(rows) if not row.params.is_greedy]
     choice = logits.argmax(dim=-1)
     if sampled:

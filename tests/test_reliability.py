@@ -241,7 +241,8 @@ FAULT_PROMPTS = ["Tell me a long story about a dragon:", "List the planets of th
 @pytest.fixture(scope="module")
 def reference_texts(offload_server) -> dict[str, str]:
     """Each fault prompt's greedy text of 80 tokens, alone and uninterrupted."""
-    return {p: generate(offload_server, {"text_input": p, "max_tokens": 80})["text_output"] for p in FAULT_PROMPTS}
+    body = {"max_tokens": 80, "exclude_input_in_output": True}  # the streamed text never has the prompt
+    return {p: generate(offload_server, {"text_input": p, **body})["text_output"] for p in FAULT_PROMPTS}
 
 
 def test_killing_the_executor_mid_decode_recovers_and_offloads_again(offload_server, reference_texts):
@@ -304,7 +305,7 @@ def test_killing_the_prefill_worker_recovers(offload_server, reference_texts):
     for prompt, r in zip(FAULT_PROMPTS + FAULT_PROMPTS[:3], results):
         assert r["error"] is None and r["text"] == reference_texts[prompt], (prompt, r)
     assert _worker_pid(server, "prefill") != old_pid
-    ok = generate(server, {"text_input": FAULT_PROMPTS[0], "max_tokens": 80})
+    ok = generate(server, {"text_input": FAULT_PROMPTS[0], "max_tokens": 80, "exclude_input_in_output": True})
     assert ok["text_output"] == reference_texts[FAULT_PROMPTS[0]]
     assert wait_for(lambda: _pools_empty(server))
     print(f"prefill worker killed; restarted and serving again after {restart_s:.1f}s")

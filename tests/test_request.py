@@ -236,8 +236,8 @@ def test_blank_json_is_ignored():
 
 
 def test_unknown_json_keys_are_rejected_and_named():
-    with pytest.raises(InvalidRequest, match=r"\['frequency_penalty', 'zzz'\]"):
-        parse(sampling_parameters=params_json(max_tokens=4, zzz=1, frequency_penalty=0.5))
+    with pytest.raises(InvalidRequest, match=r"\['min_p', 'zzz'\]"):
+        parse(sampling_parameters=params_json(max_tokens=4, zzz=1, min_p=0.5))
 
 
 @pytest.mark.parametrize("extra", [{"n": 2}, {"best_of": 3}, {"use_beam_search": True}])
@@ -386,3 +386,49 @@ def test_generation_params_json_round_trip():
 def test_parsed_params_survive_the_json_round_trip():
     p = full(sampling_parameters=params_json(stop=["x"], bad_words=["yz"], seed=3, temperature=0.5))
     assert GenerationParams.from_json(p.to_json()) == p
+
+
+# --- hostile numbers and sizes (issue 11): refused before any narrowing or tokenizing ------------
+
+@pytest.mark.parametrize(("inputs", "message"), [
+    (dict(max_tokens=num(2**32 + 4, np.int64)), "max_tokens must be <="),
+    (dict(sampling_parameters=params_json(max_tokens=2**32 + 4)), "max_tokens must be <="),
+    (dict(top_k=num(2**32 + 1, np.int64)), "top_k must be <="),
+    (dict(sampling_parameters=params_json(top_k=2**32 + 1)), "top_k must be <="),
+    (dict(sampling_parameters=params_json(min_tokens=2**32 + 1)), "min_tokens"),
+    (dict(seed=num(-1, np.int64)), r"seed must be in \[0, 18446744073709551615\]"),
+    (dict(sampling_parameters=params_json(seed=2**64)), "seed must be in"),
+    (dict(end_id=num(2**40, np.int64)), "end_id must be in"),
+    (dict(temperature=num(1e-45, np.float32)), "temperature must be 0 .greedy. or at least"),
+    (dict(temperature=num(np.finfo(np.float32).smallest_subnormal, np.float32)), "temperature must be 0"),
+    (dict(sampling_parameters=params_json(temperature=1e-30)), "temperature must be 0"),
+    (dict(temperature=num(np.inf, np.float32)), "temperature must be >= 0"),
+    (dict(temperature=num(np.nan, np.float32)), "temperature must be >= 0"),
+    (dict(top_p=num(-0.5, np.float32)), r"top_p must be in \(0, 1\]"),
+    (dict(top_p=num(np.nan, np.float32)), r"top_p must be in \(0, 1\]"),
+    (dict(sampling_parameters=text(b'{"max_tokens": ' + b"9" * 5000 + b"}")), "not valid JSON"),
+    (dict(sampling_parameters=params_json(max_tokens=10**400)), "max_tokens must be <="),
+    (dict(sampling_parameters=params_json(temperature=10**400)), "temperature is out of range"),
+    (dict(sampling_parameters=text(b"[" * 100_000 + b"]" * 100_000)), "sampling_parameters is"),
+    (dict(stop_words=text([b"x"] * 300, (1, 300))), "at most 256"),
+    (dict(bad_words=text(b"y" * 5000)), "bad_words is 5000 bytes"),
+])
+def test_out_of_range_and_oversized_inputs_get_a_clear_error(inputs, message):
+    with pytest.raises(InvalidRequest, match=message):
+        parse(**inputs)
+
+
+def test_prompt_over_the_byte_bound_is_refused_before_decoding():
+    bound = LIMITS.max_prompt_bytes
+    assert bound == 1 << 16  # at least 64 KiB, else 32 bytes per context token
+    assert Limits(4096, 1024, 16).max_prompt_bytes == 4096 * 32
+    assert parse(text_input=text(b"a" * bound))[0] == "a" * bound
+    with pytest.raises(InvalidRequest, match=f"text_input is {bound + 1} bytes; at most {bound}"):
+        parse(text_input=text(b"\xff" * (bound + 1)))  # refused for its size, not its UTF-8
+
+
+def test_tiny_top_p_and_huge_temperature_have_their_documented_meaning():
+    # top_p keeps the smallest prefix reaching its mass: a denormal keeps the top token only.
+    assert full(top_p=num(1e-45, np.float32)).sampling.top_p > 0
+    assert full(sampling_parameters=params_json(temperature=1e30)).sampling.temperature == 1e30
+    assert full(sampling_parameters=params_json(seed=2**64 - 1)).sampling.seed == 2**64 - 1

@@ -33,6 +33,7 @@ from adrenaline_py.serving.triton_runtime import DEFAULT_RESTRICTED_APIS, Triton
 
 MAX_MODEL_LEN = 512
 MAX_TOKENS_LIMIT = 256
+SHM = Path("/dev/shm")
 REQUEST_TIMEOUT_S = 60.0  # a request without an answer after this long counts as a hang
 # about 60-90 s together on 2 CPU cores; the environment variables change them
 FUZZ_HTTP_EXAMPLES = int(os.environ.get("ADRENALINE_FUZZ_HTTP_EXAMPLES", "2500"))
@@ -128,6 +129,56 @@ def test_short_or_malformed_keys_are_refused_before_start():
         Server(engine, ServerOptions(restricted_apis=("no-such-api",)))
 
 
+def _argv_and_cmdline(server: Server, monkeypatch=None) -> tuple[list[str], bytes]:
+    """Start a stand-in for tritonserver the way the launcher starts tritonserver; returns (the argv it
+    parsed, its /proc/PID/cmdline as ps shows it)."""
+    import subprocess
+    import sys
+
+    script = ("import json, os, sys, time; print(json.dumps(sys.argv[1:]), flush=True); "
+              "print(open(f'/proc/{os.getpid()}/cmdline', 'rb').read().hex(), flush=True)")
+    cmd = [sys.executable, "-c", script, f"--http-restricted-api=logging:x-k={server.api_key}", "--plain=1"]
+    proc = server._spawn_tritonserver(cmd, dict(os.environ), subprocess.PIPE)
+    out = proc.communicate(timeout=60)[0].decode().splitlines()
+    lines = [line for line in out if not line.startswith("adrenaline:")]
+    return json.loads(lines[0]), bytes.fromhex(lines[1])
+
+
+def test_the_api_key_reaches_tritonserver_but_not_its_command_line(monkeypatch, tmp_path, capsys):
+    from adrenaline_py.serving import launcher
+
+    server = Server(small_engine_config(model="dummy:tiny", run_dir=str(tmp_path)),
+                    ServerOptions(api_key="k3y-for-the-hiding-test-0123456789"))
+    key = server.api_key.encode()
+    argv, cmdline = _argv_and_cmdline(server)
+    assert argv == [f"--http-restricted-api=logging:x-k={server.api_key}", "--plain=1"]  # parsed for real
+    assert key not in cmdline and b"--http-restricted-api=<hidden" in cmdline and b"--plain=1" in cmdline
+    assert not server.api_key_on_command_line
+
+    # ptrace refused in the child (Yama ptrace_scope 3, a container profile): said, and the key is visible
+    real = launcher.child_setup
+
+    def refusing(**kw):
+        setup = real(**{**kw, "stop_at_exec": False})
+
+        def preexec():
+            setup()
+            if kw.get("stop_at_exec"):
+                raise OSError("PTRACE_TRACEME refused")
+        return preexec
+
+    monkeypatch.setattr(launcher, "child_setup", refusing)
+    argv, cmdline = _argv_and_cmdline(server)
+    assert argv[0].endswith(server.api_key) and key in cmdline and server.api_key_on_command_line
+    assert "cannot keep the API key off tritonserver's command line" in capsys.readouterr().err
+
+    # the rewrite fails after the child stopped: it is killed before it ran, then started visibly
+    monkeypatch.setattr(launcher, "child_setup", real)
+    monkeypatch.setattr(launcher, "hide_args", lambda pid, names: (_ for _ in ()).throw(OSError("no /proc/PID/mem")))
+    argv, cmdline = _argv_and_cmdline(server)
+    assert argv[0].endswith(server.api_key) and server.api_key_on_command_line
+
+
 # --- listening addresses --------------------------------------------------------------------------
 
 
@@ -210,6 +261,9 @@ def test_restricted_http_api_is_refused_without_the_key(server, method, path, bo
     assert not Path("/tmp/adrenaline-security-test.trace").exists()
 
 
+MODELS = {"ensemble", "vllm_model", "preprocessing", "scheduler", "prefill", "attention"}  # the repository's
+
+
 @pytest.mark.server
 def test_restricted_http_api_answers_with_the_key(server):
     for path in READ_ONLY_RESTRICTED_HTTP:
@@ -217,7 +271,7 @@ def test_restricted_http_api_answers_with_the_key(server):
         assert status == 200, (path, status, out)
     status, index = http(server, "POST", "/v2/repository/index", {}, server.http_auth_headers)
     assert status == 200
-    assert {m["name"] for m in index} == {"ensemble", "preprocessing", "scheduler", "prefill", "attention"}
+    assert {m["name"] for m in index} == MODELS
 
 
 @pytest.mark.server
@@ -314,11 +368,142 @@ def test_repository_control_cannot_load_a_model_from_a_path(server, tmp_path):
     time.sleep(1.0)
     assert not marker.exists(), "an uploaded model.py ran"
     status, index = http(server, "POST", "/v2/repository/index", {}, server.http_auth_headers)
-    assert sorted(m["name"] for m in index) == ["attention", "ensemble", "prefill", "preprocessing", "scheduler"]
+    assert {m["name"] for m in index} == MODELS
     assert all(m["state"] == "READY" for m in index)
     status, out = http(server, "GET", "/v2/models/evil")
     assert status >= 400
     generate_ok(server)
+
+
+# --- hostile inputs (issue 11): a clear error, no traceback or path, and the next request works -----------
+
+MAX_PROMPT_BYTES = max(MAX_MODEL_LEN * 32, 1 << 16)  # request.Limits.max_prompt_bytes
+# a Python traceback (as the python backend formats it: "At:" and "file.py(line): function" lines) or a
+# path of the server's files; not any slash: fuzzed input names come back in tritonserver's own messages
+LEAK = re.compile(r"\bAt:\n|Traceback|\.py\(\d+\)|/dev/shm/|site-packages|/backends/|/model_repository/")
+
+HOSTILE_HTTP = [
+    ({"text_input": "hi", "sampling_parameters": json.dumps({"max_tokens": 2**32 + 4})}, "max_tokens must be <= 256"),
+    ({"text_input": "hi", "sampling_parameters": json.dumps({"top_k": 2**32 + 1})}, "top_k must be <= 2147483647"),
+    ({"text_input": "hi", "sampling_parameters": json.dumps({"min_tokens": 2**32 + 1})}, "min_tokens"),
+    ({"text_input": "hi", "sampling_parameters": json.dumps({"seed": 2**64})}, "seed must be in [0, "),
+    ({"text_input": "hi", "sampling_parameters": '{"max_tokens": ' + "9" * 5000 + "}"}, "not valid JSON"),
+    ({"text_input": "hi", "sampling_parameters": "[" * 60_000}, "not valid JSON"),  # too deep for json
+    ({"text_input": "hi", "sampling_parameters": "[" * 70_000}, "sampling_parameters is 70000 bytes"),
+    ({"text_input": "hi", "seed": -1}, "seed must be in [0, "),
+    ({"text_input": "hi", "temperature": 1e-45}, "temperature must be 0 (greedy) or at least 1e-05"),
+    ({"text_input": "hi", "temperature": 1e-39}, "temperature must be 0 (greedy) or at least 1e-05"),  # denormal
+    ({"text_input": "hi", "temperature": 1e300}, "temperature must be >= 0, got inf"),  # FP32 overflow
+    ({"text_input": "hi", "top_p": -0.5}, "top_p must be in (0, 1]"),
+    ({"text_input": "x" * (MAX_PROMPT_BYTES + 1)}, f"text_input is {MAX_PROMPT_BYTES + 1} bytes; at most"),
+    ({"text_input": "hi", "stop_words": ["s"] * 300}, "stop_words has 300 entries; at most 256"),
+    ({"text_input": "hi", "bad_words": ["b" * 5000]}, "bad_words is 5000 bytes"),
+    ({"text_input": "hi", "foo": 1}, "unexpected inference input 'foo' for model 'ensemble'"),
+    ({"text_input": "hi", "parameters": {"bogus": 4}}, "unexpected inference input 'bogus' for model"),
+]
+
+
+@pytest.mark.server
+@pytest.mark.parametrize(("body", "message"), HOSTILE_HTTP, ids=[m[:40] for _, m in HOSTILE_HTTP])
+def test_hostile_http_input_gets_a_clear_error_then_a_good_request_succeeds(server, body, message):
+    status, out = http(server, "POST", "/v2/models/ensemble/generate", body)
+    assert status == 400 and message in out["error"], (status, out)
+    assert not LEAK.search(out["error"]), out
+    generate_ok(server)
+
+
+@pytest.mark.server
+def test_hostile_grpc_input_gets_the_same_errors_as_http(server):
+    text = np.array([[b"hi"]], dtype=np.object_)
+    cases = [
+        ([("text_input", text, "BYTES"), ("foo", np.array([[1]], dtype=np.int32), "INT32")],
+         "unexpected inference input 'foo' for model 'ensemble'"),  # tritonserver's own message
+        ([("text_input", text, "BYTES"), ("temperature", np.array([[1e-45]], dtype=np.float32), "FP32")],
+         "temperature must be 0 (greedy) or at least 1e-05"),
+        ([("text_input", text, "BYTES"), ("seed", np.array([[-(2**63)]], dtype=np.int64), "INT64")],
+         "seed must be in [0, "),
+        ([("text_input", np.array([[b"x" * (MAX_PROMPT_BYTES + 1)]], dtype=np.object_), "BYTES")],
+         f"text_input is {MAX_PROMPT_BYTES + 1} bytes; at most"),
+    ]
+    for inputs, message in cases:
+        outcome = _grpc_stream_outcome(server, inputs)
+        assert message in outcome and not LEAK.search(outcome), outcome
+    # the full range of random_seed (UINT64) is a seed: accepted
+    ok = [("text_input", text, "BYTES"), ("max_tokens", np.array([[4]], dtype=np.int32), "INT32"),
+          ("random_seed", np.array([[2**64 - 1]], dtype=np.uint64), "UINT64")]
+    assert _grpc_stream_outcome(server, ok) == "ok"
+    generate_ok(server)
+
+
+@pytest.mark.server
+def test_a_denormal_top_p_keeps_the_top_token(server):
+    """Documented meaning: top_p keeps the smallest prefix of tokens reaching that mass (always one)."""
+    greedy = http(server, "POST", "/v2/models/ensemble/generate", {"text_input": "Once upon", "max_tokens": 12})[1]
+    sampled = http(server, "POST", "/v2/models/ensemble/generate",
+                   {"text_input": "Once upon", "max_tokens": 12, "temperature": 1.0, "top_p": 1e-45, "seed": 7})[1]
+    assert sampled["text_output"] == greedy["text_output"], (greedy, sampled)
+
+
+def _finished(server: Server) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.options.metrics_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return {m.group(1): float(m.group(2)) for m in
+            re.finditer(r'^adrenaline_requests_finished_total\{reason="(\w+)"\} (\S+)$', text, re.M)}
+
+
+def _settled_finished(server: Server, quiet_s: float = 1.5, timeout_s: float = 30.0) -> dict[str, float]:
+    """The counters once they stopped moving (decode samples them every 0.5 s, later on a busy host)."""
+    last, since = _finished(server), time.monotonic()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() - since < quiet_s and time.monotonic() < deadline:
+        time.sleep(0.25)
+        now = _finished(server)
+        if now != last:
+            last, since = now, time.monotonic()
+    return last
+
+
+@pytest.mark.server
+def test_every_request_end_is_counted_rejections_included(server):
+    before = _settled_finished(server)
+    for body, _ in HOSTILE_HTTP[:3]:
+        assert http(server, "POST", "/v2/models/ensemble/generate", body)[0] == 400
+    generate_ok(server)  # 8 tokens: "length"
+    after = _settled_finished(server)
+    assert after.get("error", 0) - before.get("error", 0) == 3, (before, after)
+    assert after.get("length", 0) - before.get("length", 0) == 1, (before, after)
+
+
+# --- private memory and secrets ------------------------------------------------------------------------
+
+
+@pytest.mark.server
+def test_shm_regions_run_dir_and_its_files_are_owner_only(server):
+    regions = [SHM / r for r in server.track_shm_regions() if (SHM / r).exists()]
+    assert regions, "expected the python backend's regions"
+    modes = {r.name: oct(stat.S_IMODE(r.stat().st_mode)) for r in regions}
+    assert set(modes.values()) == {"0o600"}, modes
+    assert not server.regions_made_private  # 0600 from their creation (seccomp), not fixed afterwards
+    loose = [str(p) for p in [server.run_dir, *server.run_dir.rglob("*")]
+             if not p.is_symlink() and p.exists() and stat.S_IMODE(p.stat().st_mode) & 0o077]
+    assert not loose, loose
+
+
+@pytest.mark.server
+def test_api_key_is_on_no_command_line_and_in_no_log(server):
+    assert not server.api_key_on_command_line
+    key = server.api_key.encode()
+    pids = server.process_group()  # tritonserver, its stubs and their workers
+    assert len(pids) >= 6
+    for pid in pids:
+        assert key not in Path(f"/proc/{pid}/cmdline").read_bytes(), pid
+    triton_cmdline = Path(f"/proc/{server.process.pid}/cmdline").read_bytes()
+    for flag in (b"--http-restricted-api=<hidden", b"--grpc-restricted-protocol=<hidden"):
+        assert flag in triton_cmdline
+    assert key not in server.log_path.read_bytes()
+    # tritonserver got the real key: the restricted APIs answer with it (and only with it)
+    assert http(server, "GET", "/v2/logging", headers=server.http_auth_headers)[0] == 200
+    assert http(server, "GET", "/v2/logging")[0] == 403
 
 
 # --- fuzzing -------------------------------------------------------------------------------------------
@@ -339,6 +524,7 @@ class Tally:
         self.errors: Counter = Counter()
 
     def error(self, message: str) -> None:
+        assert not LEAK.search(message), f"a client error leaks a traceback or a path: {message[:500]!r}"
         self.errors[re.sub(r"\d+", "N", message.strip())[:90]] += 1
 
     def report(self) -> str:

@@ -85,7 +85,8 @@ def generate(server: Server, body: dict, path: str = "generate") -> dict:
 
 
 def complete(server: Server, prompt: str, **kw) -> dict:
-    out = generate(server, {"text_input": prompt, "max_tokens": MAX_TOKENS, **kw})
+    # The continuation only: like TensorRT-LLM's, the ensemble puts the prompt in front by default.
+    out = generate(server, {"text_input": prompt, "max_tokens": MAX_TOKENS, "exclude_input_in_output": True, **kw})
     assert "error" not in out, out
     return out
 

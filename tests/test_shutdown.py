@@ -340,9 +340,14 @@ def test_drain_timeout_bounds_the_stop_and_ends_requests_clearly(launch):
     for s in streams:
         s.join(30)
         assert not s.is_alive(), "a request hangs after the server stopped"
-    # each finished in time or ended visibly (error or no final event): never a short "complete"
+    # each finished in time or ended with an explicit error event sent just before the timeout
+    # (adrenaline_py/serving/health.py): never a short "complete", never a silently closed stream
     outcomes = [s.outcome() for s in streams]
     print(f"\nlauncher exit {rc} after {took:.1f}s; requests: {outcomes}")
+    assert set(outcomes) <= {"complete", "error"}, outcomes
+    for s in streams:
+        if s.outcome() == "error":
+            assert s.event_error is not None and "drain timeout (1s)" in s.event_error, (s.error, s.events[-1:])
     assert rc == 0, server.log()[-3000:]
     assert took < 1 + 10 + 5
     assert server.server_processes_left() == []
@@ -389,3 +394,121 @@ def test_crashed_tritonserver_stubs_and_shm_regions_are_removed_by_stop(tmp_path
         assert _leftovers(before) == set()
     finally:
         server.stop()
+
+
+# --- health tells the truth: stalled workers, dead and stalled stubs ------------------------------------
+
+
+def _stub_pids(run_dir: str) -> dict[str, int]:
+    """model → pid of its python-backend stub (argv[1] is <run dir>/model_repository/<model>/1/model.py)."""
+    out = {}
+    for pid in _pids():
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if (len(args) > 1 and args[0].endswith(b"triton_python_backend_stub") and args[1].startswith(run_dir.encode())
+                and _alive(pid)):
+            out[Path(args[1].decode()).parts[-3]] = pid
+    return out
+
+
+def _worker_pid(run_dir: str, role: str) -> int | None:
+    for pid in _pids():
+        args = _cmdline(pid).split()
+        if len(args) > 3 and args[1].endswith("worker.py") and args[2] == role and args[3].startswith(run_dir) \
+                and _alive(pid):
+            return pid
+    return None
+
+
+def _metric(server: Launcher, name: str) -> float | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics}/metrics", timeout=5) as r:
+            text = r.read().decode()
+    except (urllib.error.URLError, OSError):
+        return None
+    for line in text.split("\n"):
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=2) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _generate(url: str, timeout: float = 120.0) -> dict:
+    body = json.dumps({"text_input": "Once upon a time", "max_tokens": 8}).encode()
+    req = urllib.request.Request(f"{url}/v2/models/ensemble/generate", data=body)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return json.loads(e.read())
+
+
+def _in_thread(fn) -> tuple[threading.Thread, list]:
+    out: list = []
+    t = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+    t.start()
+    return t, out
+
+
+def test_stalled_worker_and_dead_or_stalled_stubs_are_reported_and_restarted(launch):
+    """tritonserver 2.51 keeps a model ready after its stub died or stopped and never restarts one;
+    a SIGSTOPped worker is alive for waitid. Heartbeats make each of them visible and restarted."""
+    server = launch("--heartbeat-timeout", "2", drain_timeout=3, stop_grace=10)
+    up, restarts = 'adrenaline_worker_up{model="prefill"}', 'adrenaline_worker_restarts_total{model="prefill"}'
+    assert _generate(server.url)["finish_reason"] == "length"
+
+    # 1. prefill's worker stopped: worker_up 0, killed and restarted; the request waiting on it completes
+    worker = _worker_pid(server.run_dir, "prefill")
+    os.kill(worker, signal.SIGSTOP)
+    t0 = time.monotonic()
+    waiting, result = _in_thread(lambda: _generate(server.url))
+    assert _wait(lambda: _metric(server, up) == 0, 15), "worker_up stayed 1 for a stopped worker"
+    down_s = time.monotonic() - t0
+    assert _wait(lambda: _metric(server, restarts) == 1 and _metric(server, up) == 1, 120)
+    waiting.join(120)
+    assert result and result[0].get("finish_reason") == "length", result
+    assert not _alive(worker) and _worker_pid(server.run_dir, "prefill") not in (None, worker)
+    worker_s = time.monotonic() - t0
+
+    # 2. the attention stub killed: the launcher drains tritonserver (not ready from then on) and restarts it
+    stubs = _stub_pids(server.run_dir)
+    os.kill(stubs["attention"], signal.SIGKILL)
+    t1 = time.monotonic()
+    assert _wait(lambda: not _ready(server.url), 15), "still ready with a dead stub"
+    not_ready_s = time.monotonic() - t1
+    assert _wait(lambda: _ready(server.url), START_TIMEOUT_S)
+    back_s = time.monotonic() - t1
+    assert f"the stub of attention_0_0 (pid {stubs['attention']}) died" in server.log()
+    assert _generate(server.url)["finish_reason"] == "length"
+    assert not set(_stub_pids(server.run_dir).values()) & set(stubs.values())
+
+    # 3. the scheduler stub stopped: killed at the heartbeat timeout, so the request waiting on it ends
+    stubs = _stub_pids(server.run_dir)
+    os.kill(stubs["scheduler"], signal.SIGSTOP)
+    t2 = time.monotonic()
+    waiting, result = _in_thread(lambda: _generate(server.url))
+    waiting.join(30)
+    ended_s = time.monotonic() - t2
+    assert result and "error" in result[0], result  # bounded: an error, not a hang
+    assert _wait(lambda: not _ready(server.url), 15)
+    assert _wait(lambda: _ready(server.url), START_TIMEOUT_S)
+    assert f"the stub of scheduler_0_0 (pid {stubs['scheduler']}) sent no heartbeat" in server.log()
+    assert _generate(server.url)["finish_reason"] == "length"
+    print(f"\nstopped prefill worker: worker_up 0 after {down_s:.1f}s, serving again after {worker_s:.1f}s; "
+          f"killed attention stub: not ready after {not_ready_s:.1f}s, ready again after {back_s:.1f}s; "
+          f"stopped scheduler stub: its request ended with an error after {ended_s:.1f}s "
+          f"({result[0]['error']!r})")
+
+    key = (Path(server.run_dir) / "api_key").read_text().strip()
+    assert key and key not in server.log()  # neither printed by the launcher nor logged by tritonserver
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(60) == 0, server.log()[-3000:]

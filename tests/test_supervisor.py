@@ -251,6 +251,8 @@ def test_admission_failing_after_the_hand_off_frees_the_request_blocks(role_deco
     engine, _ = _engine(tmp_path)
     role = role_decode.Role.__new__(role_decode.Role)
     role.engine = engine
+    role.model_name, role._ended, role._ended_lock = "ensemble", role_decode.Counter(), role_decode.threading.Lock()
+    role._drain, role._cancelled_keys = role_decode.DrainWatch(tmp_path), {}
     role.executor_blocks = ExecutorBlocks(engine)
     role.pools = {"decode": KVPool.create("decode", load_checkpoint("dummy:tiny", with_weights=False).config,
                                           engine, torch.float32),
@@ -271,10 +273,84 @@ def test_admission_failing_after_the_hand_off_frees_the_request_blocks(role_deco
     def cancelled_check_fails():
         raise RuntimeError("lost the client")
 
-    request = types.SimpleNamespace(inputs=lambda: [], is_cancelled=cancelled_check_fails)
+    request = types.SimpleNamespace(inputs=lambda: [], parameters=lambda: "{}", is_cancelled=cancelled_check_fails,
+                                    requested_output_names=lambda: [])
     sender = types.SimpleNamespace(send=lambda response, flags=0: sent.append(response))
     role._admit(request, sender)
     assert not added
     assert len(sent) == 1 and "RuntimeError: lost the client" in sent[0].error
     assert allocator.num_free == 32 and allocator.num_seqs == 0 and allocator.reserved_tokens == 0
+    assert role._ended == {"error": 1}  # counted in adrenaline_requests_finished_total
     clear_executor_state(tmp_path)
+
+
+# --- heartbeats: a stopped worker is reported down, killed and restarted ---------------------------
+
+
+def test_a_stopped_worker_is_reported_down_killed_and_restarted(tmp_path):
+    """SIGSTOP keeps the process alive (waitid sees nothing): only its silent heartbeat shows it.
+    A call waiting on it ends with WorkerGone once it is killed, not never."""
+    import threading
+
+    _, path = _engine(tmp_path)
+    config = load_checkpoint("dummy:tiny", with_weights=False).config
+    worker = WorkerSupervisor("attention", path, init=config, on_exit=lambda pid: clear_executor_state(tmp_path, pid),
+                              stall_timeout_s=1.5)
+    worker.start()
+    try:
+        old = worker._proc
+        assert _stats(worker)["generation"] == 1
+        os.kill(old.pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        outcome: list = []
+
+        def waiting_call():
+            try:
+                outcome.append(worker.call(("stats",)))
+            except WorkerGone as e:
+                outcome.append(e)
+
+        caller = threading.Thread(target=waiting_call)
+        caller.start()  # blocks on the stopped worker's reply
+        assert _wait(lambda: not worker.ready, 10)
+        down_s = time.monotonic() - stopped
+        caller.join(10)
+        assert not caller.is_alive() and isinstance(outcome[0], WorkerGone), outcome
+        assert worker.wait_ready(60, after_generation=1)
+        assert old.poll() == -signal.SIGKILL  # killed (a stopped process takes SIGKILL), and reaped
+        assert worker.stalls == 1 and worker.restarts == 1 and worker.pid != old.pid
+        assert _stats(worker)["generation"] == 2
+        print(f"stopped worker reported down after {down_s:.1f}s (stall timeout 1.5s)")
+        assert 1.5 <= down_s < 5
+    finally:
+        worker.stop()
+        clear_executor_state(tmp_path)
+
+
+def test_a_busy_worker_keeps_beating(tmp_path):
+    """The heartbeat has its own thread: a long request is not a stall."""
+    _, path = _engine(tmp_path)
+    worker = WorkerSupervisor("prefill", path, stall_timeout_s=1.0)
+    worker.start()
+    try:
+        time.sleep(3.0)  # idle for three stall timeouts
+        assert worker.ready and worker.stalls == 0 and worker.generation == 1
+    finally:
+        worker.stop()
+
+
+def test_client_errors_carry_no_traceback_or_path(monkeypatch):
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _fake_pb_utils())
+    monkeypatch.delitem(sys.modules, "common", raising=False)
+    import common
+
+    raw = ("Failed to process the request(s) for model 'prefill_0_0', message: FileNotFoundError: [Errno 2] No such "
+           "file or directory: '/dev/shm/adrenaline-1/executor.kv.shm'\n\nAt:\n  /srv/backends/role_prefill.py(80): "
+           "execute\n")
+    message = common.client_message(raw)
+    assert message == ("Failed to process the request(s) for model 'prefill_0_0', message: FileNotFoundError: "
+                       "[Errno 2] No such file or directory: '<path>'")
+    assert common.error_response(raw).error == message
+    for kept in ("top_p must be in (0, 1], got 3/4", "stale executor pool: executor@2 (generation 2 runs now)"):
+        assert common.client_message(kept) == kept
+    sys.modules.pop("common", None)

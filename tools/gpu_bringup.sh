@@ -249,8 +249,11 @@ step_serve() {
         return 1
     fi
     # shellcheck disable=SC2206
+    local front_args=()
+    # the bundle ships no aiohttp: without it, serve without the HTTP front (loopback, curl only)
+    "$VENV/bin/python" -c "import aiohttp" 2>/dev/null || front_args=(--no-front)
     local cmd=("$VENV/bin/adrenaline" serve --device "$DEVICE" --dtype "$DTYPE" --model "$MODEL" --offload "$OFFLOAD"
-               --http-port "$HTTP_PORT" --grpc-port "$GRPC_PORT" --metrics-port "$METRICS_PORT" $SERVE_ARGS)
+               --http-port "$HTTP_PORT" --grpc-port "$GRPC_PORT" --metrics-port "$METRICS_PORT" "${front_args[@]}" $SERVE_ARGS)
     log "serve: ${cmd[*]}"
     # its own session, so that whatever it leaves behind can be found (and only that is killed)
     setsid "${cmd[@]}" >"$LOG_DIR/serve.log" 2>&1 </dev/null &

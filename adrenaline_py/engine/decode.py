@@ -277,7 +277,7 @@ class DecodeRunner:
         logits = self.model.compute_logits(hidden)
         if n:
             self.transport.finish_step()  # raises ExecutorGone if the offloaded rows must be redone
-        return sample(logits, [SamplingRow(s.params.sampling, s.output_ids) for s in seqs])
+        return sample(logits, [SamplingRow(s.params.sampling, s.output_ids, s.prompt_ids) for s in seqs])
 
     def recompute_locally(self, seqs: list[Sequence]) -> tuple[list[tuple[Sequence, list[int]]], list[Sequence]]:
         """Rebuild offloaded requests' KV in decode's pool from prompt + generated tokens.

@@ -73,4 +73,4 @@ class PrefillRunner:
         hidden = self.model(ids.to(self.device), positions.to(self.device), self.backend, meta)
         last = hidden[torch.tensor(cu[1:], device=self.device) - 1]
         logits = self.model.compute_logits(last)
-        return sample(logits, [SamplingRow(item.sampling, []) for item in items])
+        return sample(logits, [SamplingRow(item.sampling, [], item.input_ids) for item in items])

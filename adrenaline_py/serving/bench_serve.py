@@ -289,7 +289,8 @@ def request_settings(req: BenchRequest, cfg: BenchConfig) -> dict[str, Any]:
     """The inputs of one request besides the prompt. Forcing the length makes dummy weights run to the end."""
     s: dict[str, Any] = {"max_tokens": req.output_len, "stream": True}
     if cfg.temperature > 0:
-        s["temperature"] = cfg.temperature
+        # With TensorRT-LLM's tensors a temperature alone decodes greedily; top_p 1 samples the full vocabulary.
+        s["temperature"], s["top_p"] = cfg.temperature, 1.0
     if cfg.force_output_len:
         s["min_tokens"] = req.output_len
         s["sampling_parameters"] = json.dumps({"ignore_eos": True})

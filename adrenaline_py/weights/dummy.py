@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
 from adrenaline_py.config import NAMED_SHAPES, ModelConfig
 from adrenaline_py.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # torch only for the weights: the HTTP front loads just the tokenizer
+    import torch
 
 
 def dummy_config(shape: str) -> ModelConfig:
@@ -18,6 +22,8 @@ def dummy_config(shape: str) -> ModelConfig:
 
 def init_dummy_weights(model: torch.nn.Module, seed: int) -> None:
     """Small random weights (std 0.02, norms at 1) drawn where the model lives (GPU or CPU)."""
+    import torch
+
     gen_device = next(model.parameters()).device
     gen = torch.Generator(device=gen_device).manual_seed(seed)
     with torch.no_grad():

@@ -16,15 +16,17 @@ import importlib.metadata
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from gguf import GGUFReader, GGUFValueType
 from gguf.quants import dequantize
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from adrenaline_py.config import ModelConfig
+
+if TYPE_CHECKING:
+    import torch
 
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -79,7 +81,8 @@ class SpecialTokens:
 @dataclass
 class GGUFCheckpoint:
     config: ModelConfig
-    state_dict: dict[str, torch.Tensor]   # HF Llama names, float32, Q/K rows in HF (rotate_half) order
+    state_dict: dict[str, torch.Tensor] | None  # HF Llama names, float32, Q/K rows in HF (rotate_half) order;
+                                                # None when loaded without weights
     tokenizer: Tokenizer
     chat_template: str | None
     special_tokens: SpecialTokens
@@ -179,6 +182,8 @@ def _dequantize_tensor(t: Any) -> np.ndarray:
 
 
 def _state_dict(reader: GGUFReader, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    import torch
+
     out: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
         base, _, suffix = t.name.rpartition(".")
@@ -255,8 +260,11 @@ def _build_tokenizer(reader: GGUFReader) -> tuple[Tokenizer, SpecialTokens]:
     return tok, special
 
 
-def load_gguf(path: str | Path) -> GGUFCheckpoint:
-    """Read config, float32 HF-named weights, tokenizer and chat template from a llama GGUF file."""
+def load_gguf(path: str | Path, with_weights: bool = True) -> GGUFCheckpoint:
+    """Read config, float32 HF-named weights, tokenizer and chat template from a llama GGUF file.
+
+    ``with_weights=False`` skips dequantizing the tensors (seconds and about 1 GB for SmolLM2), for
+    processes that only tokenize."""
     path = Path(path)
     reader = GGUFReader(path)
     names = {t.name for t in reader.tensors}
@@ -264,7 +272,7 @@ def load_gguf(path: str | Path) -> GGUFCheckpoint:
     tokenizer, special = _build_tokenizer(reader)
     return GGUFCheckpoint(
         config=config,
-        state_dict=_state_dict(reader, config),
+        state_dict=_state_dict(reader, config) if with_weights else None,
         tokenizer=tokenizer,
         chat_template=_field_value(reader, "tokenizer.chat_template"),
         special_tokens=special,

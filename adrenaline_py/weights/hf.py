@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import tokenizers
-import torch
-from safetensors.torch import load_file
 
 from adrenaline_py.config import ModelConfig
 from adrenaline_py.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # torch only for the weights: the HTTP front loads just the tokenizer
+    import torch
 
 
 def load_hf_config(path: Path) -> ModelConfig:
@@ -25,6 +27,8 @@ def load_hf_config(path: Path) -> ModelConfig:
 
 
 def load_hf_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{path}: no *.safetensors files")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import re
 
 import numpy as np
 import torch
@@ -43,8 +44,19 @@ def inputs_of(request) -> dict[str, np.ndarray]:
     return {t.name(): t.as_numpy() for t in request.inputs()}
 
 
+# The python backend appends "At:" and the stack to the message of an exception raised in a model
+# (also one that comes back from a BLS call); clients see neither that nor the server's paths.
+_TRACEBACK = re.compile(r"\n*\bAt:\n.*", re.S)
+_PATH = re.compile(r"(?<![\w.~-])/(?:[^\s/'\":,()\[\]]+/)+[^\s/'\":,()\[\]]*")
+
+
+def client_message(message: str) -> str:
+    """What a client may read of an error: no traceback, no file paths (docs/reliability.md)."""
+    return _PATH.sub("<path>", _TRACEBACK.sub("", message)).strip() or "internal error"
+
+
 def error_response(message: str):
-    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
+    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(client_message(message)))
 
 
 def tensor(name: str, value, dtype) -> pb_utils.Tensor:

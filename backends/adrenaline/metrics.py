@@ -58,8 +58,8 @@ class WorkerMetrics:
         self.restarts = family("adrenaline_worker_restarts_total",
                                "worker processes restarted after one died, per model", "COUNTER"
                                ).Metric(labels={"model": model})
-        self.up = family("adrenaline_worker_up", "1 while the model's worker process serves, 0 while it restarts",
-                         "GAUGE").Metric(labels={"model": model})
+        self.up = family("adrenaline_worker_up", "1 while the model's worker process serves (and beats), 0 while "
+                         "it is stalled or restarting", "GAUGE").Metric(labels={"model": model})
         self._seen = 0
 
     def update(self) -> None:

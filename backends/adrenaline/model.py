@@ -10,6 +10,8 @@ import json
 import os
 import sys
 
+import triton_python_backend_utils as pb_utils
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 ROLES = {
@@ -18,6 +20,7 @@ ROLES = {
     "prefill": "role_prefill",
     "decode": "role_decode",
     "attention": "role_attention",
+    "vllm": "role_vllm",
 }
 
 
@@ -29,11 +32,33 @@ class TritonPythonModel:
             raise ValueError(
                 f"model {args['model_name']}: parameter 'role' must be one of {sorted(ROLES)}, got {role!r}"
             )
+        from common import engine_config_path, error_response, log
+
+        from adrenaline_py.config import EngineConfig
+        from adrenaline_py.serving.health import Heartbeat
+        from adrenaline_py.serving.private import drop_secret_env
+
+        drop_secret_env()  # tritonserver's hidden API-key arguments: no worker inherits them
+
+        # The launcher restarts the server when a stub's process is gone or its heartbeat stops
+        # (tritonserver 2.51 neither restarts stubs nor marks their models not ready).
+        self._heartbeat = Heartbeat(EngineConfig.load(engine_config_path(config)).run_dir,
+                                    args["model_instance_name"])
+        self._decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
+        self._error_response, self._log = error_response, log
         self.impl = importlib.import_module(ROLES[role]).Role()
         self.impl.initialize(args, config)
 
     def execute(self, requests):
-        return self.impl.execute(requests)
+        try:
+            return self.impl.execute(requests)
+        except Exception as e:
+            if self._decoupled:  # its requests' senders may be in use on other threads: not ours to answer
+                raise
+            # Raised here, the python backend would send the stack and the server's paths to the client.
+            self._log.exception("execute failed")
+            return [self._error_response(f"internal error: {type(e).__name__}: {e}") for _ in requests]
 
     def finalize(self):
         self.impl.finalize()
+        self._heartbeat.stop()

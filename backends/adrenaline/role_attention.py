@@ -39,7 +39,8 @@ class Role:
         model_config = load_checkpoint(self.engine.model, with_weights=False).config
         # A dead worker's state goes before anything else runs: admission stops offloading at once.
         self.worker = WorkerSupervisor("attention", engine_config_path(config), init=model_config,
-                                       on_exit=lambda pid: clear_executor_state(run_dir, pid))
+                                       on_exit=lambda pid: clear_executor_state(run_dir, pid),
+                                       stall_timeout_s=self.engine.heartbeat_timeout_s)
         self.worker.start()
         self._steps_before = 0         # steps served by earlier generations
         self._last: dict = {}          # the latest stats of the current generation

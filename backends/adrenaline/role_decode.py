@@ -7,22 +7,29 @@ its responses on its own sender — no Triton hop per token. Being the model the
 (not a step of Triton's ensemble platform, which in 2.51 does not pass a client's cancellation
 on to a step already running) lets a closed stream or a gRPC cancel stop the request here.
 
-Inputs: the client contract (docs/configuration.md), forwarded to preprocessing.
-Outputs (per response): text_output BYTES [1] (a delta when streaming),
-  num_output_tokens INT32 [1], num_input_tokens INT32 [1], finish_reason BYTES [1]
-  ("" until the last response, then "stop" | "length"; failures arrive as errors)
+Inputs: the client contract (docs/configuration.md), forwarded to preprocessing; a request with a
+batch > 1 (TensorRT-LLM's --batch-inputs) is one sequence per row. The vllm_model entry
+(role_vllm.py) calls this model with a `client_key`, and with a `cancel_key` when its client goes.
+Outputs (per response): text_output BYTES 1-D [1] (a delta when streaming), and [1, 1]:
+  num_output_tokens INT32, num_input_tokens INT32, finish_reason BYTES ("" until the last response,
+  then "stop" | "length"; failures arrive as errors), batch_index INT32 (the row, when batched)
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import os
+import threading
+import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 from common import (
     bytes_tensor,
+    check_internal,
     dtype_for,
     engine_config,
     error_response,
@@ -43,12 +50,47 @@ from adrenaline_py.kv_cache import POOL_NAMES, KVPool
 from adrenaline_py.loader import build_model, load_checkpoint
 from adrenaline_py.placement import bind_role
 from adrenaline_py.request import GenerationParams
+from adrenaline_py.serving.health import DrainWatch
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
 class RequestRejected(Exception):
     """A step before decode refused the request; its message goes to the client."""
+
+
+# Inputs that this model reads itself: never forwarded to preprocessing.
+_DECODE_INPUTS = ("client_key", "cancel_key", "internal_token")
+_CANCELLED_KEY_TTL_S = 600.0  # a cancel that arrives after its request ended is forgotten after this
+
+
+class ClientRequest:
+    """One Triton request and its sender, shared by its rows' sequences.
+
+    A request with a batch > 1 is answered as TensorRT-LLM's backend answers it: each row is its own
+    sequence, every response carries the row's batch_index, and only the response that ends the
+    last row carries the final flag. The rows' responses come from different output threads, so
+    every send and every cancellation poll holds the lock: two threads using one sender at once,
+    or asking is_cancelled() after the final response, crash tritonserver 2.51.
+    """
+
+    def __init__(self, request, sender, batch_size: int, key: str | None, cancelled_keys: dict[str, float]) -> None:
+        self.request, self.sender = request, sender
+        self.batch_size = batch_size
+        self.remaining = batch_size       # rows whose final response is not out yet
+        self.key = key                    # vllm_model's key of this request
+        self.cancelled_keys = cancelled_keys
+        self.seq_ids: list[int] = []
+        self.closed = False               # the final response (or the error) was sent
+        self.lock = threading.Lock()
+        # A client that names no outputs asks for all of them (TensorRT-LLM's sends batch_index then too).
+        self.want_batch_index = batch_size > 1 or "batch_index" in request.requested_output_names()
+
+    def is_cancelled(self) -> bool:
+        with self.lock:
+            if self.closed:  # a failed sibling row ended the request: stop the others
+                return True
+            return self.request.is_cancelled() or (self.key is not None and self.key in self.cancelled_keys)
 
 
 class Role:
@@ -66,7 +108,13 @@ class Role:
                       "executor": ExecutorPoolView(self.executor_blocks)}
         self.service = DecodeService(model, ckpt.tokenizer, e, self.dtype, self._pool, self._send)
         self._ids = itertools.count()
-        self._metrics = DecodeMetrics(self.service, self._pool)
+        self._cancelled_keys: dict[str, float] = {}  # vllm_model keys → when the cancel arrived
+        # Requests that end before decode holds them (rejected, failed or cancelled in admission).
+        self._ended: Counter[str] = Counter()
+        self.model_name = args["model_name"]
+        self._ended_lock = threading.Lock()
+        self._drain = DrainWatch(e.run_dir)
+        self._metrics = DecodeMetrics(self.service, self._pool, self._ended)
         self._samplers = [Sampler(self._update_metrics), Sampler(self._sweep_cancelled, period_s=0.2)]
         # Admission threads wait in preprocessing, for KV room and for prefill.
         self._admission = ThreadPoolExecutor(max_workers=e.max_queued_requests + 2 * e.max_decode_batch,
@@ -75,7 +123,15 @@ class Role:
 
     def _sweep_cancelled(self) -> None:
         """Clients that went away (stream closed, gRPC cancel) free their KV within one sweep."""
-        self.service.check_cancelled(lambda handle: handle[2].is_cancelled())
+        self.service.check_cancelled(lambda handle: handle[0].is_cancelled())
+        if (cut := self._drain.cut_due()) is not None:
+            # tritonserver would close these connections at its exit timeout without a final event.
+            for seq in self.service.scheduler.snapshot():
+                self.service.scheduler.abort(seq.seq_id, "error", cut.message)
+        now = time.monotonic()
+        for key, at in list(self._cancelled_keys.items()):
+            if now - at > _CANCELLED_KEY_TTL_S:
+                self._cancelled_keys.pop(key, None)
 
     def _update_metrics(self) -> None:
         self.executor_blocks.refresh()  # after an executor restart, count (and free into) the new pool
@@ -90,9 +146,57 @@ class Role:
         return None
 
     def _admit(self, request, sender) -> None:
+        try:
+            inputs = {t.name(): t for t in request.inputs()}
+            own = {name: inputs.pop(name).as_numpy() for name in _DECODE_INPUTS if name in inputs}
+            self._check_parameters(request)
+            key = None
+            if "client_key" in own or "cancel_key" in own:
+                check_internal(own, self.engine, "ensemble")
+                key = text_of(own["client_key"]) if "client_key" in own else None
+            if "cancel_key" in own:
+                self._cancelled_keys[text_of(own["cancel_key"])] = time.monotonic()
+                sender.send(flags=FINAL)
+                return
+            first = inputs["text_input"] if "text_input" in inputs else next(iter(inputs.values()), None)
+            shape = first.as_numpy().shape if first is not None else ()
+            batch = shape[0] if len(shape) > 1 else 1
+        except (PermissionError, RequestRejected) as e:
+            self._send_error(sender, str(e))
+            return
+        except Exception as e:
+            log.exception("admission failed")
+            self._send_error(sender, f"decode: {type(e).__name__}: {e}")
+            return
+        group = ClientRequest(request, sender, batch, key, self._cancelled_keys)
+        rows = [list(inputs.values())] if batch == 1 else [
+            [pb_utils.Tensor(t.name(), t.as_numpy()[i:i + 1]) for t in inputs.values()] for i in range(batch)
+        ]
+        seqs: list[Sequence] = []
+        for index, row in enumerate(rows):
+            seq = self._admit_row(row, group, index)
+            if seq is None:  # its error was sent: give back what the rows before it reserved
+                for s in seqs:
+                    self._free_reserved(s)
+                return
+            seqs.append(seq)
+        group.seq_ids = [s.seq_id for s in seqs]
+        for seq in seqs:
+            self.service.add(seq)
+
+    def _free_reserved(self, seq: Sequence) -> None:
+        try:
+            self._pool(seq.pool).allocator.free(seq.block_table, seq.reserved_tokens)
+        except Exception:
+            log.exception("could not free the blocks of a request that failed admission")
+
+    def _admit_row(self, inputs, group: ClientRequest, index: int) -> Sequence | None:
+        """Preprocessing and scheduler for one row; None when the request failed (error sent)."""
+        request, sender = group.request, group.sender
+        where = f"batch_index {index}: " if group.batch_size > 1 else ""
         handed_on = None
         try:
-            pre = self._call("preprocessing", request.inputs(), ["input_ids", "generation_params"])
+            pre = self._call("preprocessing", inputs, ["input_ids", "generation_params"])
             sched = self._call("scheduler", [*pre.output_tensors(), internal_token_tensor(self.engine)],
                                ["input_ids", "generation_params", "first_token", "block_table", "kv_pool"],
                                decoupled=True)
@@ -114,26 +218,25 @@ class Role:
                 block_table=block_table,
                 pool=pool,
                 params=params,
-                handle=(sender, params.output, request),
+                handle=(group, index, params.output),
             )
             handed_on = seq
             if pool == "executor":
                 self.executor_blocks.refresh()  # a new generation: free this request's blocks there
             if request.is_cancelled():
                 raise RequestRejected("request cancelled")
+            if (cut := self._drain.cut_due()) is not None:
+                raise RequestRejected(cut.message)
         except Exception as e:
             if handed_on is not None:  # blocks were reserved for it: give them back
-                try:
-                    self._pool(handed_on.pool).allocator.free(handed_on.block_table, handed_on.reserved_tokens)
-                except Exception:
-                    log.exception("could not free the blocks of a request that failed admission")
+                self._free_reserved(handed_on)
             if isinstance(e, RequestRejected):
-                self._send_error(sender, str(e))
+                self._send_error(sender, where + str(e))
             else:
                 log.exception("admission failed")
-                self._send_error(sender, f"decode: {type(e).__name__}: {e}")
-            return
-        self.service.add(seq)
+                self._send_error(sender, f"{where}decode: {type(e).__name__}: {e}")
+            return None
+        return seq
 
     def _call(self, model: str, inputs, outputs: list[str], decoupled: bool = False):
         """One BLS request; its error becomes this request's error."""
@@ -146,24 +249,60 @@ class Role:
             raise RequestRejected(response.error().message())
         return response
 
-    @staticmethod
-    def _send_error(sender, message: str) -> None:
+    #: Request parameters this model reads. /generate turns every JSON key that names no input into a
+    #: request parameter ("id" is its request id), where gRPC and /infer refuse an unknown input:
+    #: refusing unknown parameters here with Triton's own message makes every path agree.
+    ACCEPTED_PARAMETERS: frozenset[str] = frozenset({"id"})
+
+    def _check_parameters(self, request) -> None:
+        try:
+            names = json.loads(request.parameters() or "{}")
+        except ValueError:
+            names = {}
+        unknown = sorted(set(names) - self.ACCEPTED_PARAMETERS)
+        if unknown:
+            raise RequestRejected(f"unexpected inference input '{unknown[0]}' for model '{self.model_name}'")
+
+    def _send_error(self, sender, message: str) -> None:
+        # Every request end is counted (adrenaline_requests_finished_total), rejections included.
+        with self._ended_lock:
+            self._ended["cancelled" if "request cancelled" in message else "error"] += 1
         try:
             sender.send(error_response(message), flags=FINAL)
         except Exception:  # the client may be gone already
             log.warning("could not deliver error %r", message)
 
     def _send(self, handle, chunk: ResponseChunk) -> None:
-        sender, options, _ = handle
-        if chunk.error is not None:
-            sender.send(error_response(chunk.error), flags=FINAL)
-            return
-        outputs = [bytes_tensor("text_output", chunk.text), bytes_tensor("finish_reason", chunk.finish_reason or "")]
-        if options.return_num_output_tokens:
-            outputs.append(tensor("num_output_tokens", [chunk.num_output_tokens], np.int32))
-        if options.return_num_input_tokens:
-            outputs.append(tensor("num_input_tokens", [chunk.num_input_tokens], np.int32))
-        sender.send(pb_utils.InferenceResponse(output_tensors=outputs), flags=FINAL if chunk.is_final else 0)
+        group, index, options = handle
+        siblings: list[int] = []
+        with group.lock:
+            if group.closed:  # another row failed: its error ended the request
+                return
+            if chunk.error is not None:
+                group.closed = True
+                self._cancelled_keys.pop(group.key, None)
+                group.sender.send(error_response(chunk.error), flags=FINAL)
+                siblings = list(group.seq_ids)
+            else:
+                if chunk.is_final:
+                    group.remaining -= 1
+                last = group.remaining == 0
+                # 1-D text_output, as TensorRT-LLM's postprocessing sends it.
+                data = chunk.text.encode("utf-8")
+                outputs = [pb_utils.Tensor("text_output", np.array([data], dtype=np.object_)),
+                           bytes_tensor("finish_reason", chunk.finish_reason or "")]
+                if options.return_num_output_tokens:
+                    outputs.append(tensor("num_output_tokens", [chunk.num_output_tokens], np.int32))
+                if options.return_num_input_tokens:
+                    outputs.append(tensor("num_input_tokens", [chunk.num_input_tokens], np.int32))
+                if group.want_batch_index:
+                    outputs.append(tensor("batch_index", [index], np.int32))
+                if last:
+                    group.closed = True
+                    self._cancelled_keys.pop(group.key, None)
+                group.sender.send(pb_utils.InferenceResponse(output_tensors=outputs), flags=FINAL if last else 0)
+        for seq_id in siblings:  # the other rows of a failed request stop too (unknown ids are ignored)
+            self.service.cancel(seq_id)
 
     def finalize(self):
         for sampler in self._samplers:
@@ -175,8 +314,9 @@ class Role:
 class DecodeMetrics:
     """KV blocks per pool, requests by state, offloaded requests, batch sizes, finish reasons."""
 
-    def __init__(self, service: DecodeService, pools) -> None:
+    def __init__(self, service: DecodeService, pools, ended: Counter[str] | None = None) -> None:
         self.service, self.pools = service, pools
+        self.ended = ended if ended is not None else Counter()  # ends before decode held the request
         used = family("adrenaline_kv_blocks_used", "KV cache blocks in use, per pool", "GAUGE")
         total = family("adrenaline_kv_blocks_total", "KV cache blocks, per pool", "GAUGE")
         self.kv = {p: (used.Metric(labels={"pool": p}), total.Metric(labels={"pool": p})) for p in POOL_NAMES}
@@ -187,7 +327,8 @@ class DecodeMetrics:
         batch = family("adrenaline_decode_batch_size", "requests per decode step", "HISTOGRAM")
         self.batch = {r: batch.Metric(labels={"rows": r}, buckets=BATCH_BUCKETS) for r in ("all", "offloaded")}
         self.steps = family("adrenaline_decode_steps_total", "decode steps run", "COUNTER").Metric()
-        self._finished_family = family("adrenaline_requests_finished_total", "requests ended by decode, by reason",
+        self._finished_family = family("adrenaline_requests_finished_total",
+                                       "requests ended, by reason (refused or failed before decoding: error)",
                                        "COUNTER")
         self.finished: dict[str, object] = {}
         self.recovered = family("adrenaline_offload_recovered_total",
@@ -215,7 +356,9 @@ class DecodeMetrics:
             self.batch["offloaded"].observe(offloaded)
         self._add(self.steps, loop.num_steps, "steps")
         self._add(self.recovered, loop.num_recovered, "recovered")
-        for reason, count in list(scheduler.finished.items()):
+        totals = Counter(scheduler.finished)
+        totals.update(self.ended)
+        for reason, count in totals.items():
             if reason not in self.finished:
                 self.finished[reason] = self._finished_family.Metric(labels={"reason": reason})
             seen = self._seen["finished"].get(reason, 0)

@@ -54,7 +54,7 @@ class Role:
         if e.device == "cuda":
             os.environ["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(resolve_sm_shares(e, None)[0])
         setup_process("prefill", e)
-        self.worker = WorkerSupervisor("prefill", engine_config_path(config))
+        self.worker = WorkerSupervisor("prefill", engine_config_path(config), stall_timeout_s=e.heartbeat_timeout_s)
         self.worker.start()
         self._sampler = Sampler(WorkerMetrics("prefill", self.worker).update)
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from common import bytes_tensor, engine_config, error_response, inputs_of, setup_process, tensor
+from common import bytes_tensor, engine_config, error_response, inputs_of, setup_process, tensor, text_of
 
 from adrenaline_py.loader import load_checkpoint
-from adrenaline_py.request import InvalidRequest, Limits, finish_params, parse_request
+from adrenaline_py.request import API_DEFAULTS, InvalidRequest, Limits, finish_params, parse_request
 
 
 class Role:
@@ -29,13 +29,18 @@ class Role:
 
     def _one(self, request):
         try:
-            prompt, settings = parse_request(inputs_of(request), self.limits)
+            inputs = inputs_of(request)
+            # Set by the vllm_model entry (role_vllm.py); a plain ensemble request is TensorRT-LLM's.
+            api = text_of(inputs.pop("client_api")) if "client_api" in inputs else "trtllm"
+            if api not in API_DEFAULTS:
+                raise InvalidRequest(f"client_api must be one of {sorted(API_DEFAULTS)}, got {api!r}")
+            prompt, settings = parse_request(inputs, self.limits, api)
             ids = self.tokenizer.encode(prompt)
             if not ids:
                 raise InvalidRequest("text_input produced no tokens")
             params = finish_params(
                 settings, len(ids), self.limits, self.vocab_size, self.tokenizer.eos_token_ids,
-                lambda w: self.tokenizer.encode(w, add_special_tokens=False),
+                lambda w: self.tokenizer.encode(w, add_special_tokens=False), api,
             )
         except InvalidRequest as e:
             return error_response(str(e))

@@ -44,6 +44,7 @@ from adrenaline_py.kv_cache import POOL_NAMES, BlockAllocator
 from adrenaline_py.policy import OffloadPolicy
 from adrenaline_py.profile import offload_bound_in_force
 from adrenaline_py.request import GenerationParams, InvalidRequest
+from adrenaline_py.serving.health import DrainWatch
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 ADMISSION_ATTEMPTS = 3  # admissions per request when the executor restarts between admission and prefill
@@ -58,6 +59,10 @@ class GenerationAllocator(BlockAllocator):
 
 class StalePool(RuntimeError):
     """The executor pool the request's blocks came from died with its worker before prefill."""
+
+
+class ServerStopping(RuntimeError):
+    """The launcher's drain deadline passed (adrenaline_py/serving/health.py): stop waiting."""
 
 
 class Role:
@@ -78,6 +83,7 @@ class Role:
         workers = e.max_queued_requests + 2 * e.max_decode_batch  # waiting ones + those in prefill
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="admit")
         self.metrics = SchedulerMetrics(self.admission)
+        self._drain = DrainWatch(e.run_dir)
         self._sampler = Sampler(self.metrics.update)
 
     def _allocator(self, name: str) -> BlockAllocator:
@@ -116,7 +122,8 @@ class Role:
             params_json = text_of(x["generation_params"])
             params = GenerationParams.from_json(params_json)
             for attempt in range(1, ADMISSION_ATTEMPTS + 1):
-                ticket = self.admission.admit(len(input_ids), params.sampling.max_tokens, request.is_cancelled)
+                ticket = self.admission.admit(len(input_ids), params.sampling.max_tokens,
+                                              lambda: self._give_up(request))
                 self.metrics.admitted[ticket.pool] += 1
                 label = pool_label(ticket.pool, getattr(ticket.allocator, "generation", 0))
                 try:
@@ -138,7 +145,7 @@ class Role:
                 bytes_tensor("kv_pool", label),
             ]), flags=FINAL)
             ticket = None  # decode owns the blocks now
-        except (InvalidRequest, AdmissionTimeout, Overloaded, RequestCancelled, PermissionError) as e:
+        except (InvalidRequest, AdmissionTimeout, Overloaded, RequestCancelled, PermissionError, ServerStopping) as e:
             sender.send(error_response(str(e)), flags=FINAL)
         except Exception as e:
             log.exception("scheduling failed")
@@ -146,6 +153,13 @@ class Role:
         finally:
             if ticket is not None:
                 self.admission.release(ticket)
+
+    def _give_up(self, request) -> bool:
+        """Whether a request waiting for KV room stops waiting: its client left (True), or the
+        server is stopping and the drain deadline passed (ServerStopping)."""
+        if (cut := self._drain.cut_due()) is not None:
+            raise ServerStopping(cut.message)
+        return request.is_cancelled()
 
     def _prefill(self, input_ids: np.ndarray, ticket, label: str, params_json: str) -> int:
         """First token from prefill (whose stub runs a batch again itself if its worker dies)."""

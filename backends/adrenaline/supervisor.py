@@ -8,8 +8,11 @@ the attention executor with its KV pool; the prefill model. The worker owns
 those (on GPUs: the CUDA memory behind the IPC handles), so a restarted worker creates them anew.
 
 The stub talks to its worker over a socket pair: length-prefixed pickles, one request, one reply.
-The worker exits when the stub's end closes, so a dead stub leaves no worker behind. No Triton
-import here: this module and worker.py also run (and are tested) without tritonserver.
+The worker exits when the stub's end closes, so a dead stub leaves no worker behind. A second
+socket pair carries the worker's heartbeat (a byte every HEARTBEAT_PERIOD_S from a thread of its
+own): a worker that stops beating for ``stall_timeout_s`` (SIGSTOP, a wedged process) is reported
+not ready and killed, and the restart follows as for a dead one. No Triton import here: this
+module and worker.py also run (and are tested) without tritonserver.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import select
 import shutil
 import socket
 import struct
@@ -32,6 +36,7 @@ log = logging.getLogger("adrenaline.supervisor")
 
 WORKER = Path(__file__).resolve().with_name("worker.py")
 PYTHON_ENV = "ADRENALINE_PYTHON"  # the interpreter for workers (set by the launcher)
+HEARTBEAT_PERIOD_S = 0.5
 _LEN = struct.Struct("<Q")
 
 
@@ -95,16 +100,20 @@ class WorkerSupervisor:
         ready_timeout_s: float = 600.0,
         backoff_s: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 5.0, 10.0),
         stable_after_s: float = 60.0,
+        stall_timeout_s: float | None = None,
     ) -> None:
         self.role, self.config_path, self.init = role, config_path, init
         self.on_exit = on_exit
         self.ready_timeout_s = ready_timeout_s
         self.backoff_s = backoff_s
         self.stable_after_s = stable_after_s
+        self.stall_timeout_s = stall_timeout_s  # None: only a worker's exit counts
         self.generation = 0
         self.restarts = 0          # workers started after the first one
         self.last_restart_s = 0.0  # death noticed → replacement ready, of the latest restart
         self.info: dict = {}       # what the current worker reported when it became ready
+        self.stalls = 0            # workers killed because their heartbeat stopped
+        self._hb: socket.socket | None = None  # the current worker's heartbeat socket
         self._proc: subprocess.Popen | None = None
         self._chan: Channel | None = None
         self._starting: tuple[subprocess.Popen | None, Channel | None] = (None, None)  # stop() ends it too
@@ -113,6 +122,7 @@ class WorkerSupervisor:
         self._call_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._monitor, name=f"{role}-supervisor", daemon=True)
+        self._watcher = threading.Thread(target=self._watch, name=f"{role}-heartbeat", daemon=True)
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
@@ -121,6 +131,8 @@ class WorkerSupervisor:
         if not self._spawn():
             raise RuntimeError(f"the {self.role} worker did not start (see the log above)")
         self._thread.start()
+        if self.stall_timeout_s is not None:
+            self._watcher.start()
 
     def stop(self, timeout_s: float = 10.0) -> None:
         self._stop.set()
@@ -128,7 +140,10 @@ class WorkerSupervisor:
             procs = [p for p in (self._proc, self._starting[0]) if p is not None]
             chans = [c for c in (self._chan, self._starting[1]) if c is not None]
             self._ready = False
+            hb, self._hb = self._hb, None
             self._cond.notify_all()
+        if hb is not None:
+            hb.close()
         for chan in chans:
             chan.close()  # a worker exits when its channel closes (one still starting, too)
         for proc in procs:
@@ -137,8 +152,9 @@ class WorkerSupervisor:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        if self._thread.is_alive():
-            self._thread.join(timeout=timeout_s)
+        for thread in (self._thread, self._watcher):
+            if thread.is_alive():
+                thread.join(timeout=timeout_s)
 
     @property
     def pid(self) -> int | None:
@@ -182,10 +198,13 @@ class WorkerSupervisor:
         """Start the next generation and wait for its ready message."""
         generation = self.generation + 1
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        cmd = [python_executable(), str(WORKER), self.role, self.config_path, str(generation), str(child.fileno())]
-        # Same process group as the stub (the launcher's stop() finds it); the channel's fd only.
-        proc = subprocess.Popen(cmd, pass_fds=(child.fileno(),), close_fds=True)
+        hb_parent, hb_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        cmd = [python_executable(), str(WORKER), self.role, self.config_path, str(generation), str(child.fileno()),
+               str(hb_child.fileno())]
+        # Same process group as the stub (the launcher's stop() finds it); the two sockets' fds only.
+        proc = subprocess.Popen(cmd, pass_fds=(child.fileno(), hb_child.fileno()), close_fds=True)
         child.close()
+        hb_child.close()
         chan = Channel(parent)
         with self._cond:
             self.generation = generation  # never reused: a failed start may have left its files
@@ -203,6 +222,7 @@ class WorkerSupervisor:
                 if self._stop.is_set():
                     raise ConnectionError("stopping")
                 self._proc, self._chan, self.info, self._ready = proc, chan, info, True
+                self._hb, hb_parent = hb_parent, None
                 self._starting = (None, None)
                 self._cond.notify_all()
         except (OSError, ConnectionError, EOFError, pickle.UnpicklingError, ValueError) as e:
@@ -211,6 +231,8 @@ class WorkerSupervisor:
             with self._cond:
                 self._starting = (None, None)
             chan.close()
+            if hb_parent is not None:
+                hb_parent.close()
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
@@ -251,6 +273,42 @@ class WorkerSupervisor:
                 self.last_restart_s = time.monotonic() - died
                 log.warning("%s worker restarted in %.1fs (generation %d)", self.role, self.last_restart_s,
                             self.generation)
+
+
+    def _watch(self) -> None:
+        """Kill a ready worker whose heartbeat stopped for ``stall_timeout_s``: the monitor restarts it."""
+        seen = 0
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda seen=seen: self._stop.is_set() or (self._ready and self.generation > seen))
+                if self._stop.is_set():
+                    return
+                hb, proc, seen = self._hb, self._proc, self.generation
+            last = time.monotonic()
+            while not self._stop.is_set() and hb is not None:
+                try:
+                    readable, _, _ = select.select([hb], [], [], HEARTBEAT_PERIOD_S)
+                    if readable:
+                        if not hb.recv(4096):
+                            break  # the worker exited: the monitor restarts it
+                        last = time.monotonic()
+                except (OSError, ValueError):  # closed by stop()
+                    break
+                silent = time.monotonic() - last
+                if silent > self.stall_timeout_s:
+                    with self._cond:
+                        if self.generation == seen:
+                            self._ready = False  # reported down at once; calls wait for the next one
+                    self.stalls += 1
+                    log.error("%s worker (generation %d, pid %d) sent no heartbeat for %.1fs: killing it",
+                              self.role, seen, proc.pid, silent)
+                    proc.kill()  # also ends a SIGSTOPped process; the monitor reaps and restarts it
+                    break
+            with self._cond:
+                if self._hb is hb:
+                    self._hb = None
+            if hb is not None:
+                hb.close()
 
 
 def _wait_exited(proc: subprocess.Popen) -> None:

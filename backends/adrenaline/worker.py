@@ -1,6 +1,6 @@
 """Worker process of a supervised role (see supervisor.py): the attention executor or prefill.
 
-    python worker.py attention|prefill <engine.json> <generation> <channel fd>
+    python worker.py attention|prefill <engine.json> <generation> <channel fd> [<heartbeat fd>]
 
 It first reads its init message from the channel, reports ("ready", info) once it can serve, then
 answers one reply per request until the channel closes (its stub finalized or died), and exits.
@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
-from supervisor import Channel  # noqa: E402
+from supervisor import HEARTBEAT_PERIOD_S, Channel  # noqa: E402
 
 from adrenaline_py.config import EngineConfig  # noqa: E402
 from adrenaline_py.engine.executor import (  # noqa: E402
@@ -179,8 +179,22 @@ def serve_prefill(engine: EngineConfig, generation: int, chan: Channel, init: No
             return  # the stub went away while we computed
 
 
+def _beat(sock: socket.socket) -> None:
+    """The heartbeat the stub watches (supervisor.py): a thread of its own, so that only a stopped or
+    wedged process goes silent, not one busy with a long batch."""
+    while True:
+        time.sleep(HEARTBEAT_PERIOD_S)
+        try:
+            sock.send(b".")
+        except OSError:  # the stub is gone
+            return
+
+
 def main(argv: list[str]) -> int:
     role, config_path, generation, fd = argv[0], argv[1], int(argv[2]), int(argv[3])
+    if len(argv) > 4:
+        threading.Thread(target=_beat, args=(socket.socket(fileno=int(argv[4])),), name="heartbeat",
+                         daemon=True).start()
     logging.basicConfig(level=os.environ.get("ADRENALINE_LOG_LEVEL", "INFO"),
                         format=f"%(asctime)s {role}-worker[{generation}] %(levelname)s %(name)s: %(message)s")
     engine = EngineConfig.load(config_path)
