@@ -250,7 +250,7 @@ step_serve() {
     fi
     # shellcheck disable=SC2206
     local front_args=()
-    # the bundle ships no aiohttp: without it, serve without the HTTP front (loopback, curl only)
+    # bundles built before aiohttp was shipped: without it, serve without the HTTP front (loopback, curl only)
     "$VENV/bin/python" -c "import aiohttp" 2>/dev/null || front_args=(--no-front)
     local cmd=("$VENV/bin/adrenaline" serve --device "$DEVICE" --dtype "$DTYPE" --model "$MODEL" --offload "$OFFLOAD"
                --http-port "$HTTP_PORT" --grpc-port "$GRPC_PORT" --metrics-port "$METRICS_PORT" "${front_args[@]}" $SERVE_ARGS)

