@@ -446,3 +446,17 @@ def test_rejected_requests_are_counted_as_failures(server, tmp_path, backend):
     assert (s["completed"], s["failed"]) == (0, 2)
     assert s["slo"]["attainment"] == 0.0
     assert all("max_tokens must be <= 256" in r["error"] for r in results[0]["requests"])
+
+
+def test_decode_loop_breakdown_is_milliseconds_per_step_and_per_response():
+    counters = {"adrenaline_decode_steps_total": 100.0,
+                'adrenaline_decode_step_seconds_total{phase="prepare"}': 0.2,
+                'adrenaline_decode_step_seconds_total{phase="wait"}': 2.0,
+                'adrenaline_decode_step_seconds_total{phase="device"}': 1.9,
+                "adrenaline_output_responses_total": 400.0, "adrenaline_output_events_total": 500.0,
+                "adrenaline_output_send_seconds_total": 0.04, "adrenaline_output_lag_seconds_total": 2.0}
+    b = bs.decode_loop_breakdown(counters)
+    assert b["step_ms"] == pytest.approx({"prepare": 2.0, "wait": 20.0, "device": 19.0})
+    assert b["host_step_ms"] == pytest.approx(22.0)        # the GPU span is not a host phase
+    assert b["send_ms"] == pytest.approx(0.1) and b["lag_ms"] == pytest.approx(5.0) and b["events"] == 500
+    assert bs.decode_loop_breakdown({}) == {}

@@ -272,3 +272,39 @@ def test_a_request_added_while_a_failed_step_is_reported_is_not_lost():
     ends = {e.seq.seq_id: (e.finish_reason, e.error) for e in events if e.finish_reason}
     assert ends == {1: ("error", "decode step failed: RuntimeError: boom"), 2: ("length", None)}
     assert freed(pools) == [([10, 11], 11), ([20, 21], 5)]   # both requests gave their blocks back
+
+
+class SlowRunner:
+    """Returns token 7 for every row after `wait_s`, as if the GPU took that long."""
+
+    device = torch.device("cpu")
+    launched_at = 0.0
+    device_s = 0.0
+
+    def __init__(self, wait_s):
+        self.wait_s = wait_s
+        self.transport = type("T", (), {"close": lambda self: None})()
+
+    def run(self, plan):
+        self.launched_at = time.perf_counter()
+        time.sleep(self.wait_s)
+        return [7] * len(plan.seqs)
+
+
+def test_step_times_add_up_to_the_loop_and_put_the_runner_in_wait():
+    pools = {"decode": FakePool(), "executor": FakePool()}
+    for pool in pools.values():
+        pool.allocator = CountingAllocator()
+    sched = DecodeScheduler(pools.__getitem__, 4)
+    engine = DecodeEngine(sched, SlowRunner(0.01), lambda evs: time.sleep(0.002))
+    engine.add(make_seq(1, max_tokens=6))
+    t0 = time.perf_counter()
+    while engine.step():
+        pass
+    wall = time.perf_counter() - t0
+    t = engine.times
+    assert t.steps == 5                                   # max_tokens 6: prefill gave the first
+    assert 0.05 <= t.wait < wall                          # five steps of 10 ms in the runner
+    assert t.emit >= 0.009                                # five emits of 2 ms
+    host = t.schedule + t.prepare + t.wait + t.update + t.emit
+    assert host <= wall and host > 0.9 * wall

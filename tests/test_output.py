@@ -128,3 +128,47 @@ def test_non_streaming_stop_with_input_in_output():
     seq = make_seq(exclude_input=False, stop=("\n",))
     _, results = play(seq, events_for(seq, "one\ntwo", "length"))
     assert chunks(results) == [ResponseChunk(PROMPT + "one", 4, len(PROMPT), "stop")]
+
+
+# --- output workers: merging when behind ----------------------------------------------------------
+
+def test_merge_events_joins_each_requests_tokens_and_keeps_its_end():
+    from adrenaline_py.engine.output import merge_events
+
+    a, b = make_seq(stream=True), make_seq(stream=True)
+    b.seq_id = 8
+    merged = merge_events([TokenEvent(a, [1]), TokenEvent(b, [5]), TokenEvent(a, [2]),
+                           TokenEvent(b, [6], "length"), TokenEvent(a, [3], None)])
+    assert [(e.seq.seq_id, e.token_ids, e.finish_reason) for e in merged] == [(7, [1, 2, 3], None),
+                                                                                (8, [5, 6], "length")]
+
+
+def test_a_worker_that_fell_behind_sends_fewer_responses_with_every_token():
+    import threading
+
+    from adrenaline_py.engine.output import OutputWorkers
+
+    seq = make_seq(stream=True)
+    sent, entered, gate = [], threading.Event(), threading.Event()
+
+    def send(handle, chunk):
+        entered.set()
+        gate.wait(5)                      # the first send blocks while decode queues more steps
+        sent.append(chunk)
+
+    workers = OutputWorkers(TOK, send, lambda seq_id: None, num_threads=1)
+    workers.start()
+    try:
+        events = events_for(seq, "Hello, world")
+        workers.submit(events[:1])
+        assert entered.wait(5)
+        for ev in events[1:]:
+            workers.submit([ev])
+        gate.set()
+    finally:
+        workers.stop()                    # stops after the queued work
+    assert "".join(c.text for c in sent) == "Hello, world" and sent[-1].finish_reason == "length"
+    assert sum(c.num_output_tokens for c in sent) == len(events)
+    assert len(sent) == 2                 # the first token alone, then everything queued behind it
+    stats = workers.stats()
+    assert stats.events == len(events) and stats.responses == 2 and stats.lag_s > 0

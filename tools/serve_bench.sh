@@ -10,7 +10,10 @@
 # Environment: CONFIGS ("label:flags;label:flags"), SERVE_ARGS (flags of every server), BENCH_ARGS
 # (flags of every `bench serve`; --model is taken from SERVE_ARGS), PY [python3], OUT [/tmp/serve-bench]
 # (bench JSONs under $OUT/bench, server logs $OUT/serve_<label>.log), READY_TIMEOUT_S [300], BENCH_PY
-# [$PY] (the Python of `bench serve`, which needs aiohttp and tqdm).
+# [$PY] (the Python of `bench serve`, which needs aiohttp and tqdm). PYSPY (a py-spy binary): record the
+# decode process's Python stacks while each run goes on, PYSPY_AFTER_S [20] s after it starts, for
+# PYSPY_S [8] s: once only the thread holding the GIL ($OUT/pyspy_<label>_gil.txt), once every
+# thread that is running ($OUT/pyspy_<label>_cpu.txt); collapsed stacks, one count per line.
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 PY=${PY:-python3}
@@ -48,7 +51,21 @@ for config in "${configs[@]}"; do
     # shellcheck disable=SC2086
     $BENCH_PY -m adrenaline_py.cli bench serve --url "http://127.0.0.1:$PORT" \
         --metrics-url "http://127.0.0.1:$((PORT + 2))/metrics" --model "$MODEL" --label "$label" \
-        --result-dir "$OUT/bench" --no-progress $BENCH_ARGS || rc_all=1
+        --result-dir "$OUT/bench" --no-progress $BENCH_ARGS &
+    bench=$!
+    if [ -n "${PYSPY:-}" ]; then
+        sleep "${PYSPY_AFTER_S:-20}"
+        stub=$(pgrep -f "triton_python_backend_stub .* ensemble_0_0 " | head -n 1)
+        if [ -n "$stub" ]; then
+            "$PYSPY" record --pid "$stub" --duration "${PYSPY_S:-8}" --rate 250 --format raw --threads --gil \
+                --nonblocking -o "$OUT/pyspy_${label}_gil.txt" >/dev/null 2>&1 || echo "[serve-bench] py-spy failed"
+            "$PYSPY" record --pid "$stub" --duration "${PYSPY_S:-8}" --rate 250 --format raw --threads \
+                --nonblocking -o "$OUT/pyspy_${label}_cpu.txt" >/dev/null 2>&1 || echo "[serve-bench] py-spy failed"
+        else
+            echo "[serve-bench] no decode stub process found for py-spy"
+        fi
+    fi
+    wait "$bench" || rc_all=1
     kill -TERM "$pid"
     wait "$pid"
 done

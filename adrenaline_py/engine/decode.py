@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -232,6 +233,54 @@ class DecodeScheduler:
         self._pools(seq.pool).allocator.free(seq.block_table, seq.reserved_tokens)
 
 
+@dataclass
+class StepTimes:
+    """Where the decode loop's time goes, summed over steps (read by metrics; written by the loop).
+
+    Host phases by wall clock: ``schedule``; ``prepare`` (the step's inputs, up to the launch of its
+    layers); ``wait`` (LM head, the executor's rows, sampling, until the tokens are on the host);
+    ``update`` (finish checks, freeing); ``emit`` (handing events to the output threads). ``device``:
+    on CUDA, the GPU's span from the step's first to its last operation; a step's wall time minus
+    it is time the GPU sat waiting for the host.
+    """
+
+    steps: int = 0
+    schedule: float = 0.0
+    prepare: float = 0.0
+    wait: float = 0.0
+    update: float = 0.0
+    emit: float = 0.0
+    device: float = 0.0
+
+    PHASES = ("schedule", "prepare", "wait", "update", "emit", "device")
+
+
+class _DeviceSpan:
+    """GPU time of a step from two CUDA events, read one step later (no extra synchronization)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.enabled = device.type == "cuda"
+        if self.enabled:
+            self._start, self._end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        self._pending = False
+
+    def begin(self) -> float:
+        """Records the start of a step; returns the previous step's span in seconds (0 if none)."""
+        if not self.enabled:
+            return 0.0
+        span = 0.0
+        if self._pending:
+            span = self._start.elapsed_time(self._end) / 1e3  # the tokens came back: both are done
+            self._pending = False
+        self._start.record()
+        return span
+
+    def end(self) -> None:
+        if self.enabled:
+            self._end.record()
+            self._pending = True
+
+
 class DecodeRunner:
     """Runs one decode step of the model over M local + N offloaded rows."""
 
@@ -251,6 +300,9 @@ class DecodeRunner:
         self.backend = OffloadAttentionBackend(local_backend, transport)
         self.device = model.lm_head.weight.device
         self.graphs: DecodeGraphs | None = None
+        self.launched_at = 0.0         # perf_counter when the last step's layers were launched
+        self.device_s = 0.0            # GPU span of the step before the last (see StepTimes)
+        self._span = _DeviceSpan(self.device)
         if cuda_graphs and self.device.type == "cuda" and isinstance(local_backend, TritonAttentionBackend):
             self.graphs = DecodeGraphs(model, self.backend, decode_pool.kv, max_batch, max_model_len,
                                        offload=transport.capturable)
@@ -263,6 +315,7 @@ class DecodeRunner:
             self.transport.begin_step([s.seq_id for s in plan.offloaded],
                                       {s.seq_id: s.block_table for s in plan.offloaded},
                                       [s.num_tokens for s in plan.offloaded])
+        self.device_s = self._span.begin()
         hidden = None
         if key is not None:
             hidden = self.graphs.run([s.seq_id for s in seqs], [s.output_ids[-1] for s in seqs],
@@ -274,10 +327,13 @@ class DecodeRunner:
             positions = torch.tensor([s.num_tokens - 1 for s in seqs], dtype=torch.long, device=dev)
             local_meta = self._local_metadata(plan.local) if plan.local else None
             hidden = self.model(input_ids, positions, self.backend, OffloadDecodeMetadata(local_meta, m, n))
+        self.launched_at = time.perf_counter()
         logits = self.model.compute_logits(hidden)
         if n:
             self.transport.finish_step()  # raises ExecutorGone if the offloaded rows must be redone
-        return sample(logits, [SamplingRow(s.params.sampling, s.output_ids, s.prompt_ids) for s in seqs])
+        tokens = sample(logits, [SamplingRow(s.params.sampling, s.output_ids, s.prompt_ids) for s in seqs])
+        self._span.end()
+        return tokens
 
     def recompute_locally(self, seqs: list[Sequence]) -> tuple[list[tuple[Sequence, list[int]]], list[Sequence]]:
         """Rebuild offloaded requests' KV in decode's pool from prompt + generated tokens.
@@ -317,6 +373,7 @@ class DecodeEngine:
         self.num_steps = 0
         self.num_recovered = 0     # offloaded requests moved to decode after an executor failure
         self.batch_sizes: list[tuple[int, int]] = []  # (local, offloaded) per step, drained by metrics
+        self.times = StepTimes()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="decode-loop", daemon=True)
 
@@ -333,12 +390,14 @@ class DecodeEngine:
         self.emit([self.scheduler.add(seq)])
 
     def step(self) -> bool:
+        t0 = time.perf_counter()
         plan, events = self.scheduler.schedule()
         if events:
             self.emit(events)
         if not plan:
             self.scheduler.publish_load()
             return False
+        t1 = time.perf_counter()
         try:
             tokens = self.runner.run(plan)
         except ExecutorGone as e:
@@ -357,11 +416,23 @@ class DecodeEngine:
             if not plan:
                 return True
             tokens = self.runner.run(plan)
+        t2 = time.perf_counter()
         self.num_steps += 1
         if len(self.batch_sizes) < 100_000:  # bounded if nobody drains it
             self.batch_sizes.append((len(plan.local), len(plan.offloaded)))
-        self.emit(self.scheduler.update(plan, tokens))
+        events = self.scheduler.update(plan, tokens)
         self.scheduler.publish_load()
+        t3 = time.perf_counter()
+        self.emit(events)
+        t4 = time.perf_counter()
+        times, launched = self.times, min(max(self.runner.launched_at, t1), t2)
+        times.steps += 1
+        times.schedule += t1 - t0
+        times.prepare += launched - t1
+        times.wait += t2 - launched
+        times.update += t3 - t2
+        times.emit += t4 - t3
+        times.device += self.runner.device_s
         return True
 
     def _loop(self) -> None:

@@ -4,6 +4,13 @@ Each request is pinned to one worker thread (by id), so its detokenizer state is
 thread and its response sender is never used by two threads at once (that crashes tritonserver
 2.51). Workers detokenize incrementally, apply stop strings (asking the engine to stop the
 request), and call ``send(handle, chunk)`` for each response.
+
+A worker that falls behind catches up by merging: it takes every event queued for it and sends one
+response per request for all of that request's new tokens. A response through the Python
+backend costs ~0.1 ms of a stub thread (docs/performance.md), so at a few hundred rows and tens of
+steps per second one response per token can outrun the senders; merging bounds the sends to what
+they can carry, and the decode loop never waits for a client. Streams then arrive in chunks of a
+few tokens (``num_output_tokens`` says how many), as with vLLM's ``stream_interval``.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -90,6 +98,35 @@ class RequestOutput:
         )
 
 
+def merge_events(events: list[TokenEvent]) -> list[TokenEvent]:
+    """One event per request, in order of first appearance: its tokens joined, its end (if any) last."""
+    merged: dict[int, TokenEvent] = {}
+    for ev in events:
+        seen = merged.get(ev.seq.seq_id)
+        if seen is None:
+            merged[ev.seq.seq_id] = TokenEvent(ev.seq, list(ev.token_ids), ev.finish_reason, ev.error)
+        elif seen.finish_reason is None:  # nothing follows a request's end
+            seen.token_ids += ev.token_ids
+            seen.finish_reason, seen.error = ev.finish_reason, ev.error
+    return list(merged.values())
+
+
+@dataclass
+class OutputStats:
+    """What the output workers did, summed (one instance per worker; read by metrics)."""
+
+    events: int = 0          # token events taken from decode
+    responses: int = 0       # responses sent (fewer than events when a worker caught up by merging)
+    send_s: float = 0.0      # time inside ``send``
+    lag_s: float = 0.0       # per response: from decode's event (its first merged one) to the send's end
+
+    def add(self, other: OutputStats) -> None:
+        self.events += other.events
+        self.responses += other.responses
+        self.send_s += other.send_s
+        self.lag_s += other.lag_s
+
+
 class OutputWorkers:
     def __init__(
         self,
@@ -102,6 +139,7 @@ class OutputWorkers:
         self._send = send
         self._on_stop = on_stop
         self._queues: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in range(max(1, num_threads))]
+        self._stats = [OutputStats() for _ in self._queues]
         self._threads = [
             threading.Thread(target=self._work, args=(q,), name=f"output-{i}", daemon=True)
             for i, q in enumerate(self._queues)
@@ -127,32 +165,72 @@ class OutputWorkers:
             q.put(_CancelCheck(is_cancelled, on_cancel))
 
     def submit(self, events: list[TokenEvent]) -> None:
-        n = len(self._queues)
+        n, now = len(self._queues), time.perf_counter()
         for ev in events:
-            self._queues[ev.seq.seq_id % n].put(ev)
+            self._queues[ev.seq.seq_id % n].put((now, ev))
+
+    def stats(self) -> OutputStats:
+        total = OutputStats()
+        for s in self._stats:
+            total.add(s)
+        return total
+
+    def queued(self) -> int:
+        """Events waiting for a worker (approximate)."""
+        return sum(q.qsize() for q in self._queues)
 
     def _work(self, q: queue.SimpleQueue) -> None:
         states: dict[int, RequestOutput] = {}
-        while (ev := q.get()) is not None:
-            if isinstance(ev, _CancelCheck):
-                for seq_id, state in states.items():
-                    try:
-                        if not state.done and ev.is_cancelled(state.handle):
-                            ev.on_cancel(seq_id)
-                    except Exception:
-                        log.exception("cancellation check of request %d failed", seq_id)
-                continue
-            seq_id = ev.seq.seq_id
+        stats = self._stats[self._queues.index(q)]
+        stopping = False
+        while not stopping:
+            items = [q.get()]
+            while True:  # whatever else is queued joins this round (a worker that fell behind)
+                try:
+                    items.append(q.get_nowait())
+                except queue.Empty:
+                    break
+            events, first_seen = [], {}
+            for item in items:
+                if item is None:  # stop, after the events queued before it
+                    stopping = True
+                    break
+                if isinstance(item, _CancelCheck):
+                    self._check_cancelled(states, item)
+                    continue
+                at, ev = item
+                events.append(ev)
+                first_seen.setdefault(ev.seq.seq_id, at)
+            stats.events += len(events)
+            for ev in merge_events(events) if len(events) > 1 else events:
+                self._handle(states, ev, first_seen[ev.seq.seq_id], stats)
+
+    def _check_cancelled(self, states: dict[int, RequestOutput], check: _CancelCheck) -> None:
+        for seq_id, state in states.items():
             try:
-                state = states.get(seq_id)
-                if state is None:
-                    state = states[seq_id] = RequestOutput(self._tokenizer, ev)
-                chunk, stopped = state.on_event(ev)
-                if stopped:
-                    self._on_stop(seq_id)
-                if chunk is not None:
-                    self._send(ev.seq.handle, chunk)
-            except Exception:  # a failed send must not take the worker down
-                log.exception("sending output of request %d failed", seq_id)
-            if ev.finish_reason is not None:
-                states.pop(seq_id, None)
+                if not state.done and check.is_cancelled(state.handle):
+                    check.on_cancel(seq_id)
+            except Exception:
+                log.exception("cancellation check of request %d failed", seq_id)
+
+    def _handle(self, states: dict[int, RequestOutput], ev: TokenEvent, submitted_at: float,
+                stats: OutputStats) -> None:
+        seq_id = ev.seq.seq_id
+        try:
+            state = states.get(seq_id)
+            if state is None:
+                state = states[seq_id] = RequestOutput(self._tokenizer, ev)
+            chunk, stopped = state.on_event(ev)
+            if stopped:
+                self._on_stop(seq_id)
+            if chunk is not None:
+                t = time.perf_counter()
+                self._send(ev.seq.handle, chunk)
+                done = time.perf_counter()
+                stats.responses += 1
+                stats.send_s += done - t
+                stats.lag_s += done - submitted_at
+        except Exception:  # a failed send must not take the worker down
+            log.exception("sending output of request %d failed", seq_id)
+        if ev.finish_reason is not None:
+            states.pop(seq_id, None)

@@ -506,6 +506,7 @@ def summarize_server_metrics(snapshots: list[tuple[float, dict[tuple[str, Labels
                 "mean": d_sum / d_count if d_count > 0 else None,
                 "max_interval_mean": max(interval_means) if interval_means else None,
             }
+    out["decode_loop"] = decode_loop_breakdown(out["counters"])
     pools = sorted({dict(lb).get("pool") for n, lb in keys if n == "adrenaline_kv_blocks_used"} - {None})
     for pool in pools:
         fractions = []
@@ -516,6 +517,30 @@ def summarize_server_metrics(snapshots: list[tuple[float, dict[tuple[str, Labels
                 fractions.append(used / total)
         if fractions:
             out["kv_use"][pool] = {"mean": statistics.fmean(fractions), "max": max(fractions)}
+    return out
+
+
+def decode_loop_breakdown(counters: dict[str, float]) -> dict[str, Any]:
+    """Milliseconds per decode step by phase, and the output threads' sends, from counter increases."""
+    steps = counters.get("adrenaline_decode_steps_total", 0)
+    out: dict[str, Any] = {}
+    if steps > 0:
+        phases = {}
+        for name, value in counters.items():
+            m = re.fullmatch(r'adrenaline_decode_step_seconds_total\{phase="(\w+)"\}', name)
+            if m:
+                phases[m.group(1)] = 1e3 * value / steps
+        if phases:
+            order = ("schedule", "prepare", "wait", "update", "emit", "device")
+            out["step_ms"] = dict(sorted(phases.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order
+                                         else len(order)))
+            out["host_step_ms"] = sum(v for k, v in phases.items() if k != "device")
+    responses = counters.get("adrenaline_output_responses_total", 0)
+    if responses > 0:
+        out["responses"] = responses
+        out["events"] = counters.get("adrenaline_output_events_total", 0)
+        out["send_ms"] = 1e3 * counters.get("adrenaline_output_send_seconds_total", 0) / responses
+        out["lag_ms"] = 1e3 * counters.get("adrenaline_output_lag_seconds_total", 0) / responses
     return out
 
 
@@ -788,6 +813,15 @@ def format_summary(result: dict[str, Any]) -> str:
             if h["mean"] is not None:
                 lines.append(f"  {name}: mean {h['mean']:.2f} over {h['count']:g} steps, "
                              f"max interval mean {_f(h['max_interval_mean'])}")
+        loop = m.get("decode_loop") or {}
+        if "step_ms" in loop:
+            ph = loop["step_ms"]
+            lines.append("  decode step (ms, mean): " + ", ".join(f"{k} {v:.2f}" for k, v in ph.items()
+                                                                 if k != "device")
+                         + (f"; GPU span {ph['device']:.2f}" if ph.get("device") else ""))
+        if "responses" in loop:
+            lines.append(f"  responses: {loop['responses']:g} for {loop['events']:g} token events, "
+                         f"send {loop['send_ms']:.3f} ms, lag {loop['lag_ms']:.1f} ms (means)")
         for name, g in m["gauges"].items():
             if name.startswith(("adrenaline_decode_requests", "adrenaline_requests_offloaded",
                                 "adrenaline_admission_waiting")):

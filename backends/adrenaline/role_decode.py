@@ -42,7 +42,7 @@ from common import (
 from executor_pool import ExecutorBlocks, ExecutorPoolView
 from metrics import BATCH_BUCKETS, Sampler, family
 
-from adrenaline_py.engine.decode import Sequence
+from adrenaline_py.engine.decode import Sequence, StepTimes
 from adrenaline_py.engine.executor import parse_pool_label, tag_blocks
 from adrenaline_py.engine.output import ResponseChunk
 from adrenaline_py.engine.service import DecodeService
@@ -333,7 +333,26 @@ class DecodeMetrics:
         self.finished: dict[str, object] = {}
         self.recovered = family("adrenaline_offload_recovered_total",
                                 "offloaded requests moved to decode after an executor failure", "COUNTER").Metric()
-        self._seen = {"steps": 0, "recovered": 0, "finished": {}}
+        phases = family("adrenaline_decode_step_seconds_total",
+                        "decode loop time by phase, summed over steps (device: the GPU's span of the steps)",
+                        "COUNTER")
+        self.phases = {p: phases.Metric(labels={"phase": p}) for p in StepTimes.PHASES}
+        self.output = {
+            "events": family("adrenaline_output_events_total", "token events handed to the output threads",
+                             "COUNTER").Metric(),
+            "responses": family("adrenaline_output_responses_total",
+                                "streamed or final responses sent (fewer than events when senders merged "
+                                "a request's tokens to catch up)", "COUNTER").Metric(),
+            "send_s": family("adrenaline_output_send_seconds_total", "seconds spent sending responses",
+                             "COUNTER").Metric(),
+            "lag_s": family("adrenaline_output_lag_seconds_total",
+                            "summed over responses: seconds from the decode step's event to the sent response",
+                            "COUNTER").Metric(),
+        }
+        self.queued = family("adrenaline_output_queued_events", "token events waiting for an output thread",
+                             "GAUGE").Metric()
+        self._seen = {"steps": 0, "recovered": 0, "finished": {},
+                      **{f"phase_{p}": 0.0 for p in StepTimes.PHASES}, **{f"out_{k}": 0 for k in self.output}}
 
     def update(self) -> None:
         for name, (used, total) in self.kv.items():
@@ -355,6 +374,12 @@ class DecodeMetrics:
             self.batch["all"].observe(local + offloaded)
             self.batch["offloaded"].observe(offloaded)
         self._add(self.steps, loop.num_steps, "steps")
+        for p, metric in self.phases.items():
+            self._add(metric, getattr(loop.times, p), f"phase_{p}")
+        out = self.service.outputs.stats()
+        for k, metric in self.output.items():
+            self._add(metric, getattr(out, k), f"out_{k}")
+        self.queued.set(self.service.outputs.queued())
         self._add(self.recovered, loop.num_recovered, "recovered")
         totals = Counter(scheduler.finished)
         totals.update(self.ended)
