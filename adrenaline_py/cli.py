@@ -48,6 +48,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-decode-batch", type=int, default=d.max_decode_batch)
     g.add_argument("--max-prefill-tokens", type=int, default=d.max_prefill_tokens)
     g.add_argument("--num-sender-threads", type=int, default=d.num_sender_threads)
+    g.add_argument("--gil-switch-interval-ms", type=float, default=d.gil_switch_interval_ms,
+                   help="the decode process's Python switch interval (CPython default 5)")
     g.add_argument("--admission-timeout", type=float, default=d.admission_timeout_s,
                    help="seconds a request may wait for KV room before it is rejected")
     g.add_argument("--max-queued-requests", type=int, default=d.max_queued_requests,
@@ -72,6 +74,7 @@ def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
         block_size=a.block_size, num_decode_blocks=a.num_decode_blocks,
         num_executor_blocks=a.num_executor_blocks, max_decode_batch=a.max_decode_batch,
         max_prefill_tokens=a.max_prefill_tokens, num_sender_threads=a.num_sender_threads,
+        gil_switch_interval_ms=a.gil_switch_interval_ms,
         admission_timeout_s=a.admission_timeout, max_queued_requests=a.max_queued_requests, seed=a.seed,
         cuda_graphs=not a.no_cuda_graphs, offload_timeout_s=a.offload_timeout,
         heartbeat_timeout_s=a.heartbeat_timeout,

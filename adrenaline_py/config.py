@@ -166,6 +166,9 @@ class EngineConfig:
     max_decode_batch: int = 64         # requests in one decode step (local + offloaded)
     max_prefill_tokens: int = 8192     # tokens in one batched prefill
     num_sender_threads: int = 4        # decode threads that stream responses to clients
+    # sys.setswitchinterval of the decode process: how long the decode loop may wait for the GIL
+    # after a GPU wait while output threads run Python (CPython's default is 5 ms).
+    gil_switch_interval_ms: float = 0.5
     admission_timeout_s: float = 30.0  # how long a request may wait for KV blocks
     max_queued_requests: int = 256     # requests that may wait for KV blocks at once; more are rejected
     # Offload policy inputs (``auto``): see adrenaline_py/policy.py. None: resolved by the launcher

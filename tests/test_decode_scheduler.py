@@ -233,6 +233,7 @@ class FailOnceRunner:
     """Raises on its first step (a failed decode step), then returns token 7 for every row."""
 
     device = torch.device("cpu")
+    gate = None
 
     def __init__(self):
         self.calls = 0
@@ -278,6 +279,7 @@ class SlowRunner:
     """Returns token 7 for every row after `wait_s`, as if the GPU took that long."""
 
     device = torch.device("cpu")
+    gate = None
     launched_at = 0.0
     device_s = 0.0
 

@@ -1,5 +1,8 @@
 """`RequestOutput`: decode's token events → client response chunks (byte tokenizer: 1 token = 1 byte)."""
 
+import threading
+import time
+
 import pytest
 
 from adrenaline_py.config import NAMED_SHAPES
@@ -144,8 +147,6 @@ def test_merge_events_joins_each_requests_tokens_and_keeps_its_end():
 
 
 def test_a_worker_that_fell_behind_sends_fewer_responses_with_every_token():
-    import threading
-
     from adrenaline_py.engine.output import OutputWorkers
 
     seq = make_seq(stream=True)
@@ -172,3 +173,30 @@ def test_a_worker_that_fell_behind_sends_fewer_responses_with_every_token():
     assert len(sent) == 2                 # the first token alone, then everything queued behind it
     stats = workers.stats()
     assert stats.events == len(events) and stats.responses == 2 and stats.lag_s > 0
+
+
+def test_output_threads_wait_at_a_closed_gate_and_go_when_it_opens():
+    from adrenaline_py.engine.output import HostGate, OutputWorkers
+
+    gate = HostGate(max_wait_s=5.0)
+    sent = threading.Event()
+    workers = OutputWorkers(TOK, lambda handle, chunk: sent.set(), lambda seq_id: None, num_threads=1, gate=gate)
+    workers.start()
+    try:
+        gate.close()                      # the decode loop is on the host
+        workers.submit(events_for(make_seq(stream=True), "a"))
+        assert not sent.wait(0.2)
+        gate.open()                       # it waits for the GPU: the outputs' turn
+        assert sent.wait(5)
+    finally:
+        workers.stop()
+
+
+def test_a_gate_left_closed_delays_outputs_only_up_to_its_bound():
+    from adrenaline_py.engine.output import HostGate
+
+    gate = HostGate(max_wait_s=0.05)
+    gate.close()
+    t0 = time.perf_counter()
+    gate.wait()
+    assert 0.04 <= time.perf_counter() - t0 < 1.0

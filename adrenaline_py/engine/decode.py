@@ -17,7 +17,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -32,6 +32,9 @@ from adrenaline_py.placement import bind
 from adrenaline_py.request import GenerationParams
 from adrenaline_py.sampler import SamplingRow, sample
 from adrenaline_py.transport import ExecutorGone, OffloadTransport
+
+if TYPE_CHECKING:
+    from adrenaline_py.engine.output import HostGate
 
 log = logging.getLogger(__name__)
 
@@ -300,6 +303,7 @@ class DecodeRunner:
         self.backend = OffloadAttentionBackend(local_backend, transport)
         self.device = model.lm_head.weight.device
         self.graphs: DecodeGraphs | None = None
+        self.gate: HostGate | None = None  # opened while this thread waits for the GPU (output.HostGate)
         self.launched_at = 0.0         # perf_counter when the last step's layers were launched
         self.device_s = 0.0            # GPU span of the step before the last (see StepTimes)
         self._span = _DeviceSpan(self.device)
@@ -329,10 +333,14 @@ class DecodeRunner:
             hidden = self.model(input_ids, positions, self.backend, OffloadDecodeMetadata(local_meta, m, n))
         self.launched_at = time.perf_counter()
         logits = self.model.compute_logits(hidden)
+        if self.gate is not None:  # from here this thread mostly waits for the GPU
+            self.gate.open()
         if n:
             self.transport.finish_step()  # raises ExecutorGone if the offloaded rows must be redone
         tokens = sample(logits, [SamplingRow(s.params.sampling, s.output_ids, s.prompt_ids) for s in seqs])
         self._span.end()
+        if self.gate is not None:
+            self.gate.close()
         return tokens
 
     def recompute_locally(self, seqs: list[Sequence]) -> tuple[list[tuple[Sequence, list[int]]], list[Sequence]]:
@@ -391,6 +399,16 @@ class DecodeEngine:
 
     def step(self) -> bool:
         t0 = time.perf_counter()
+        gate = self.runner.gate
+        if gate is not None:
+            gate.close()
+        try:
+            return self._step(t0)
+        finally:
+            if gate is not None:
+                gate.open()
+
+    def _step(self, t0: float) -> bool:
         plan, events = self.scheduler.schedule()
         if events:
             self.emit(events)
@@ -423,6 +441,8 @@ class DecodeEngine:
         events = self.scheduler.update(plan, tokens)
         self.scheduler.publish_load()
         t3 = time.perf_counter()
+        if self.runner.gate is not None:  # the events are out: the output threads' turn
+            self.runner.gate.open()
         self.emit(events)
         t4 = time.perf_counter()
         times, launched = self.times, min(max(self.runner.launched_at, t1), t2)

@@ -98,6 +98,32 @@ class RequestOutput:
         )
 
 
+class HostGate:
+    """Gives the decode loop's host work the GIL to itself.
+
+    Output threads run Python (detokenizing, building responses) that competes with the decode
+    loop for the GIL; every time the loop wants it back it waits behind them, so a step's host
+    phases stretched 3-5x with a few hundred streams (docs/performance.md). The loop closes the
+    gate for its host work and opens it while it waits for the GPU, which is most of a step; output
+    threads pass the gate before each response. They wait at most ``max_wait_s`` (a loop that stays
+    on the host, e.g. on CPU, never starves them).
+    """
+
+    def __init__(self, max_wait_s: float = 0.05) -> None:
+        self._open = threading.Event()
+        self._open.set()
+        self.max_wait_s = max_wait_s
+
+    def open(self) -> None:
+        self._open.set()
+
+    def close(self) -> None:
+        self._open.clear()
+
+    def wait(self) -> None:
+        self._open.wait(self.max_wait_s)
+
+
 def merge_events(events: list[TokenEvent]) -> list[TokenEvent]:
     """One event per request, in order of first appearance: its tokens joined, its end (if any) last."""
     merged: dict[int, TokenEvent] = {}
@@ -134,8 +160,10 @@ class OutputWorkers:
         send: Callable[[Any, ResponseChunk], None],
         on_stop: Callable[[int], None],
         num_threads: int = 4,
+        gate: HostGate | None = None,
     ) -> None:
         self._tokenizer = tokenizer
+        self._gate = gate
         self._send = send
         self._on_stop = on_stop
         self._queues: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in range(max(1, num_threads))]
@@ -203,6 +231,8 @@ class OutputWorkers:
                 first_seen.setdefault(ev.seq.seq_id, at)
             stats.events += len(events)
             for ev in merge_events(events) if len(events) > 1 else events:
+                if self._gate is not None:
+                    self._gate.wait()
                 self._handle(states, ev, first_seen[ev.seq.seq_id], stats)
 
     def _check_cancelled(self, states: dict[int, RequestOutput], check: _CancelCheck) -> None:

@@ -14,7 +14,7 @@ from adrenaline_py.attention import make_attention_backend
 from adrenaline_py.config import EngineConfig
 from adrenaline_py.engine.decode import DecodeEngine, DecodeRunner, DecodeScheduler, Sequence
 from adrenaline_py.engine.executor import executor_state
-from adrenaline_py.engine.output import OutputWorkers, ResponseChunk
+from adrenaline_py.engine.output import HostGate, OutputWorkers, ResponseChunk
 from adrenaline_py.kv_cache import KVPool
 from adrenaline_py.models.llama import LlamaForCausalLM
 from adrenaline_py.placement import bind
@@ -43,8 +43,11 @@ class DecodeService:
         if runner.graphs is not None:
             runner.graphs.capture()
         self.runner = runner
+        # On a GPU the loop's host work gets the GIL to itself; the output threads run while it
+        # waits for the GPU (on CPU the loop computes on the host: no gate).
+        runner.gate = HostGate() if device.type == "cuda" else None
         self.outputs = OutputWorkers(tokenizer, send, lambda seq_id: scheduler.abort(seq_id, "stop"),
-                                     engine.num_sender_threads)
+                                     engine.num_sender_threads, gate=runner.gate)
         self.loop = DecodeEngine(scheduler, runner, self.outputs.submit)
         self.outputs.start()
         self.loop.start()

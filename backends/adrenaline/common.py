@@ -6,6 +6,7 @@ import hmac
 import logging
 import os
 import re
+import sys
 
 import numpy as np
 import torch
@@ -34,6 +35,10 @@ def setup_process(role: str, engine: EngineConfig) -> None:
     # processes do not oversubscribe the cores.
     default = max(1, (os.cpu_count() or 2) // 2) if role in ("prefill", "decode") else 1
     torch.set_num_threads(int(os.environ.get("ADRENALINE_TORCH_THREADS", "0")) or default)
+    if role == "decode":
+        # The decode loop gives up the GIL at every GPU wait; output threads running Python in the
+        # meantime would keep it up to the switch interval each time it wants it back.
+        sys.setswitchinterval(engine.gil_switch_interval_ms / 1e3)
 
 
 def dtype_for(engine: EngineConfig) -> torch.dtype:

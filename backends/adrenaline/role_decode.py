@@ -154,6 +154,7 @@ class Role:
             if "client_key" in own or "cancel_key" in own:
                 check_internal(own, self.engine, "ensemble")
                 key = text_of(own["client_key"]) if "client_key" in own else None
+
             if "cancel_key" in own:
                 self._cancelled_keys[text_of(own["cancel_key"])] = time.monotonic()
                 sender.send(flags=FINAL)

@@ -110,7 +110,13 @@ class Role:
 
     def execute(self, requests):
         for request in requests:
-            self.pool.submit(self._handle, request, request.get_response_sender())
+            sender = request.get_response_sender()
+            # An empty response at once: the caller's BLS call returns at the first response, and
+            # until it does it holds one of the calling stub's 32 python-backend threads, which that
+            # stub's response sends also need (decode streams every token through them). Waiting
+            # for KV room and prefill takes seconds under load; the result follows with FINAL.
+            sender.send(pb_utils.InferenceResponse(output_tensors=[]))
+            self.pool.submit(self._handle, request, sender)
         return None
 
     def _handle(self, request, sender):
