@@ -39,6 +39,9 @@ class Ticket:
     allocator: BlockAllocator | None = field(default=None, compare=False, repr=False)
 
 
+CANCEL_CHECK_S = 0.1  # how often a request waiting for KV room asks whether its client left
+
+
 def _load(a: BlockAllocator) -> PoolLoad:
     return PoolLoad(a.num_seqs, a.reserved_tokens, a.num_free, a.current_tokens)
 
@@ -101,15 +104,22 @@ class Admission:
             self.num_waiting += 1
         try:
             deadline = time.monotonic() + self.timeout_s
+            next_cancel_check = 0.0
             while True:
                 time.sleep(self.poll_s)
-                ticket = self._try(order, capacity, n, reserved, num_prompt_tokens)
-                if ticket is not None:
-                    return ticket
-                if cancelled():
-                    self.rejected["cancelled"] += 1
-                    raise RequestCancelled("request cancelled while waiting for KV cache room")
-                if time.monotonic() > deadline:
+                # Read the free counts without the lock first: a hundred waiting requests taking the
+                # pools' file lock every poll kept decode's frees waiting for it (ms per step).
+                if any(n <= self._allocators(name).num_free for name in order):
+                    ticket = self._try(order, capacity, n, reserved, num_prompt_tokens)
+                    if ticket is not None:
+                        return ticket
+                now = time.monotonic()
+                if now >= next_cancel_check:  # asking the client is an IPC round trip: not every poll
+                    next_cancel_check = now + CANCEL_CHECK_S
+                    if cancelled():
+                        self.rejected["cancelled"] += 1
+                        raise RequestCancelled("request cancelled while waiting for KV cache room")
+                if now > deadline:
                     self.rejected["timeout"] += 1
                     raise AdmissionTimeout(
                         f"KV cache full: no room for {n} blocks within {self.timeout_s:.0f}s; retry later"

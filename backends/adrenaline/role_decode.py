@@ -199,9 +199,11 @@ class Role:
         try:
             pre = self._call("preprocessing", inputs, ["input_ids", "generation_params"])
             sched = self._call("scheduler", [*pre.output_tensors(), internal_token_tensor(self.engine)],
-                               ["input_ids", "generation_params", "first_token", "block_table", "kv_pool"],
-                               decoupled=True)
+                               ["input_ids", "generation_params", "first_token", "block_table", "kv_pool",
+                                "admission_error"], decoupled=True)
             x = {t.name(): t.as_numpy() for t in sched.output_tensors()}
+            if "admission_error" in x:  # not admitted (overloaded, timed out, cancelled, invalid)
+                raise RequestRejected(text_of(x["admission_error"]))
             label = text_of(x["kv_pool"])
             pool, generation = parse_pool_label(label)
             if pool not in POOL_NAMES:

@@ -27,6 +27,7 @@ import triton_python_backend_utils as pb_utils
 from common import (
     bytes_tensor,
     check_internal,
+    client_message,
     engine_config,
     error_response,
     inputs_of,
@@ -111,19 +112,24 @@ class Role:
     def execute(self, requests):
         for request in requests:
             sender = request.get_response_sender()
+            try:
+                x = inputs_of(request)
+                check_internal(x, self.engine, "scheduler")
+            except Exception as e:  # a direct client (PermissionError), or inputs that cannot be read
+                sender.send(error_response(str(e) if isinstance(e, PermissionError)
+                                           else f"scheduler: {type(e).__name__}: {e}"), flags=FINAL)
+                continue
             # An empty response at once: the caller's BLS call returns at the first response, and
             # until it does it holds one of the calling stub's 32 python-backend threads, which that
             # stub's response sends also need (decode streams every token through them). Waiting
             # for KV room and prefill takes seconds under load; the result follows with FINAL.
             sender.send(pb_utils.InferenceResponse(output_tensors=[]))
-            self.pool.submit(self._handle, request, sender)
+            self.pool.submit(self._handle, request, sender, x)
         return None
 
-    def _handle(self, request, sender):
+    def _handle(self, request, sender, x):
         ticket = None
         try:
-            x = inputs_of(request)
-            check_internal(x, self.engine, "scheduler")
             input_ids = x["input_ids"].reshape(-1).astype(np.int32)
             params_json = text_of(x["generation_params"])
             params = GenerationParams.from_json(params_json)
@@ -152,13 +158,21 @@ class Role:
             ]), flags=FINAL)
             ticket = None  # decode owns the blocks now
         except (InvalidRequest, AdmissionTimeout, Overloaded, RequestCancelled, PermissionError, ServerStopping) as e:
-            sender.send(error_response(str(e)), flags=FINAL)
+            self._refuse(sender, str(e))
         except Exception as e:
             log.exception("scheduling failed")
-            sender.send(error_response(f"scheduler: {type(e).__name__}: {e}"), flags=FINAL)
+            self._refuse(sender, f"scheduler: {type(e).__name__}: {e}")
         finally:
             if ticket is not None:
                 self.admission.release(ticket)
+
+    @staticmethod
+    def _refuse(sender, message: str) -> None:
+        """The request's end when it is not admitted: a final response whose `admission_error` says why.
+        Not a Triton error: after the empty first response, an error response in tritonserver 2.51 left
+        the calling request unreleased (its client's stream never closed)."""
+        error = bytes_tensor("admission_error", client_message(message))
+        sender.send(pb_utils.InferenceResponse(output_tensors=[error]), flags=FINAL)
 
     def _give_up(self, request) -> bool:
         """Whether a request waiting for KV room stops waiting: its client left (True), or the
