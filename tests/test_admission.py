@@ -208,3 +208,45 @@ def test_invalid_request_takes_no_blocks(pools):
     with pytest.raises(InvalidRequest):
         admission(pools, "auto").admit(100, 100)
     assert pools["decode"].num_free == 8 and pools["executor"].num_free == 4
+
+
+def test_requests_waiting_for_room_are_admitted_first_come_first_served(pools):
+    adm = admission(pools, "never", timeout_s=5.0)
+    held = pools["decode"].allocate(8, 32)                  # decode full
+    order, threads = [], []
+    for name in ("first", "second", "third"):
+        t = threading.Thread(target=lambda n=name: order.append((n, adm.admit(8, 8))))  # 4 blocks each
+        t.start()
+        threads.append(t)
+        while adm.num_waiting < len(threads):
+            time.sleep(0.001)
+    pools["decode"].free(held, 32)                           # room for two of the three
+    deadline = time.monotonic() + 5
+    while len(order) < 2 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    time.sleep(0.05)
+    assert [n for n, _ in order] == ["first", "second"] and adm.num_waiting == 1
+    adm.release(order[0][1])                                  # room again: the third's turn
+    for t in threads:
+        t.join(5)
+    assert [n for n, _ in order] == ["first", "second", "third"] and adm.num_waiting == 0
+
+
+def test_a_later_request_waits_behind_an_earlier_one(pools):
+    adm = admission(pools, "never", timeout_s=5.0)
+    held_a, held_b = pools["decode"].allocate(4, 16), pools["decode"].allocate(4, 16)  # decode full
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(("waiter", adm.admit(8, 8))))
+    waiter.start()
+    while adm.num_waiting < 1:
+        time.sleep(0.001)
+    late = threading.Thread(target=lambda: got.append(("late", adm.admit(8, 8))))
+    late.start()
+    while adm.num_waiting < 2:                                # room is freed only once both wait
+        time.sleep(0.001)
+    pools["decode"].free(held_a, 16)                          # room for one of them
+    waiter.join(5)
+    assert [n for n, _ in got] == ["waiter"]                  # the one that waited longer took it
+    pools["decode"].free(held_b, 16)
+    late.join(5)
+    assert [n for n, _ in got] == ["waiter", "late"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -65,6 +65,8 @@ class Admission:
         self.max_waiting = max_waiting
         self.executor_alive = executor_alive
         self._lock = threading.Lock()
+        self._turn = threading.Condition(self._lock)
+        self._queue: deque[object] = deque()  # requests waiting for KV room, first come first served
         self.num_waiting = 0  # requests waiting for KV room now
         self.rejected: Counter[str] = Counter()  # reason → requests turned away
 
@@ -93,26 +95,35 @@ class Admission:
                 f"request needs {n} KV blocks (prompt + max_tokens = {reserved} tokens), more than a pool holds "
                 f"({max(capacity.values())} blocks)"
             )
-        ticket = self._try(order, capacity, n, reserved, num_prompt_tokens)
-        if ticket is not None:
-            return ticket
+        if not self._queue:  # nobody waits: no one to overtake
+            ticket = self._try(order, capacity, n, reserved, num_prompt_tokens)
+            if ticket is not None:
+                return ticket
+        me = object()
         with self._lock:
             if self.max_waiting is not None and self.num_waiting >= self.max_waiting:
                 self.rejected["queue_full"] += 1
                 raise Overloaded(f"server overloaded: {self.num_waiting} requests already wait for KV cache room "
                                  f"(limit {self.max_waiting}); retry later")
             self.num_waiting += 1
+            self._queue.append(me)
         try:
             deadline = time.monotonic() + self.timeout_s
             next_cancel_check = 0.0
             while True:
-                time.sleep(self.poll_s)
-                # Read the free counts without the lock first: a hundred waiting requests taking the
-                # pools' file lock every poll kept decode's frees waiting for it (ms per step).
-                if any(n <= self._allocators(name).num_free for name in order):
-                    ticket = self._try(order, capacity, n, reserved, num_prompt_tokens)
-                    if ticket is not None:
-                        return ticket
+                # First come, first served: only the oldest waiting request polls the pools. When
+                # every waiting request polled, the ones that saw room all took the pools' file lock
+                # at once, and decode's frees waited behind them (26 ms per step at 1,000 waiting).
+                with self._turn:
+                    first = self._queue[0] is me
+                    if not first:
+                        self._turn.wait(CANCEL_CHECK_S)
+                if first:
+                    time.sleep(self.poll_s)
+                    if any(n <= self._allocators(name).num_free for name in order):  # no lock to read
+                        ticket = self._try(order, capacity, n, reserved, num_prompt_tokens)
+                        if ticket is not None:
+                            return ticket
                 now = time.monotonic()
                 if now >= next_cancel_check:  # asking the client is an IPC round trip: not every poll
                     next_cancel_check = now + CANCEL_CHECK_S
@@ -125,8 +136,10 @@ class Admission:
                         f"KV cache full: no room for {n} blocks within {self.timeout_s:.0f}s; retry later"
                     )
         finally:
-            with self._lock:
+            with self._turn:
                 self.num_waiting -= 1
+                self._queue.remove(me)
+                self._turn.notify_all()
 
     def _try(self, order: list[str], capacity: dict[str, int], n: int, reserved: int, prompt: int) -> Ticket | None:
         for name in order:
