@@ -1,5 +1,7 @@
 """The engine's greedy tokens equal transformers' on the same weights (fp32, CPU)."""
 
+import re
+
 import pytest
 import torch
 from conftest import greedy, small_engine_config
@@ -127,3 +129,40 @@ def test_min_tokens_and_bad_words_steer_generation_in_prefill_and_decode(tiny_hf
     for c in steered:
         assert not set(c.output_ids) & set(free)
     assert eos_first.output_ids[:3] != free[:3] and len(eos_first.output_ids) >= 3
+
+
+def test_the_decode_loop_opens_the_output_gate_only_while_it_waits(tiny_hf):
+    """CPU has no gate (its loop computes on the host); a recording one shows where a GPU loop puts it:
+    closed for the host phases, opened once the step is launched and again when the events go out."""
+    import threading
+
+    from adrenaline_py.engine.output import HostGate
+
+    class RecordingGate(HostGate):
+        def __init__(self):
+            super().__init__(max_wait_s=1.0)
+            self.calls = []
+
+        def open(self):
+            if threading.current_thread().name == "decode-loop":
+                self.calls.append("open")
+            super().open()
+
+        def close(self):
+            self.calls.append("close")
+            super().close()
+
+    hf, ckpt = tiny_hf
+    prompt = [5, 6, 7, 8]
+    with LocalEngine(ckpt, small_engine_config(offload="never")) as engine:
+        gate = RecordingGate()
+        engine.decode.runner.gate = gate
+        engine.decode.outputs._gate = gate
+        got = engine.generate([prompt], [greedy(6, stream=True)])
+        steps = engine.decode.loop.num_steps
+    assert got[0].output_ids == hf_greedy(hf, prompt, 6)       # streamed through the gate, same tokens
+    # a step: close (start), open (launched), close (tokens back), open (emit), open (end); an idle
+    # turn of the loop while the gate was being swapped in: close, open
+    calls = " ".join(c[0] for c in gate.calls)
+    assert steps == 5 and len(re.findall("c o c o o", calls)) == steps, calls
+    assert "c c" not in calls and gate.calls[-1] == "open"
