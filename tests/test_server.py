@@ -51,16 +51,6 @@ def server_always(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    from adrenaline_py.loader import load_checkpoint
-
-    try:
-        return load_checkpoint("smollm2")
-    except FileNotFoundError as e:
-        pytest.skip(f"SmolLM2 GGUF not installed: {e}")
-
-
-@pytest.fixture(scope="module")
 def engine_outputs(smollm2):
     """The engine's direct (in-process) greedy output for PROMPTS: what the server must return."""
     from adrenaline_py.engine.local import LocalEngine

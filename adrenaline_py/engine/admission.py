@@ -65,8 +65,7 @@ class Admission:
         self.max_waiting = max_waiting
         self.executor_alive = executor_alive
         self._lock = threading.Lock()
-        self._turn = threading.Condition(self._lock)
-        self._queue: deque[object] = deque()  # requests waiting for KV room, first come first served
+        self._queue: deque[threading.Event] = deque()  # requests waiting for KV room, first come first served
         self.num_waiting = 0  # requests waiting for KV room now
         self.rejected: Counter[str] = Counter()  # reason → requests turned away
 
@@ -99,7 +98,7 @@ class Admission:
             ticket = self._try(order, capacity, n, reserved, num_prompt_tokens)
             if ticket is not None:
                 return ticket
-        me = object()
+        me = threading.Event()  # set when this request becomes the oldest waiting one
         with self._lock:
             if self.max_waiting is not None and self.num_waiting >= self.max_waiting:
                 self.rejected["queue_full"] += 1
@@ -107,6 +106,8 @@ class Admission:
                                  f"(limit {self.max_waiting}); retry later")
             self.num_waiting += 1
             self._queue.append(me)
+            if self._queue[0] is me:
+                me.set()
         try:
             deadline = time.monotonic() + self.timeout_s
             next_cancel_check = 0.0
@@ -114,10 +115,7 @@ class Admission:
                 # First come, first served: only the oldest waiting request polls the pools. When
                 # every waiting request polled, the ones that saw room all took the pools' file lock
                 # at once, and decode's frees waited behind them (26 ms per step at 1,000 waiting).
-                with self._turn:
-                    first = self._queue[0] is me
-                    if not first:
-                        self._turn.wait(CANCEL_CHECK_S)
+                first = me.wait(CANCEL_CHECK_S)  # woken once, by the request ahead leaving the queue
                 if first:
                     time.sleep(self.poll_s)
                     if any(n <= self._allocators(name).num_free for name in order):  # no lock to read
@@ -136,10 +134,11 @@ class Admission:
                         f"KV cache full: no room for {n} blocks within {self.timeout_s:.0f}s; retry later"
                     )
         finally:
-            with self._turn:
+            with self._lock:
                 self.num_waiting -= 1
                 self._queue.remove(me)
-                self._turn.notify_all()
+                if self._queue:
+                    self._queue[0].set()
 
     def _try(self, order: list[str], capacity: dict[str, int], n: int, reserved: int, prompt: int) -> Ticket | None:
         for name in order:
