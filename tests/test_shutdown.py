@@ -316,6 +316,9 @@ def test_second_sigterm_stops_at_once_and_cleans_up_what_tritonserver_left(launc
     assert rc == 0, server.log()[-3000:]
     assert took < 20, f"a second SIGTERM should stop at once, took {took:.1f}s"
     print(f"\nsecond SIGTERM: launcher exit {rc} after {took:.1f}s; the stream: {stream.outcome()}")
+    # the stream is not just cut: it gets an error saying why
+    assert stream.event_error is not None and "second stop signal" in stream.event_error, (stream.error,
+                                                                                          stream.events[-1:])
     log = server.log()
     assert "killing tritonserver" in log and "not cleanly" in log, log[-3000:]
     assert server.server_processes_left() == []
@@ -512,3 +515,15 @@ def test_stalled_worker_and_dead_or_stalled_stubs_are_reported_and_restarted(lau
     assert key and key not in server.log()  # neither printed by the launcher nor logged by tritonserver
     server.proc.send_signal(signal.SIGTERM)
     assert server.proc.wait(60) == 0, server.log()[-3000:]
+
+
+def test_a_second_stop_signal_moves_the_announced_cut_to_now(tmp_path):
+    from adrenaline_py.serving.health import DrainWatch, write_drain_deadline
+
+    watch = DrainWatch(tmp_path, check_every_s=0.0)
+    assert watch.cut_due() is None                                  # no stop announced
+    write_drain_deadline(tmp_path, 60.0)
+    assert watch.cut_due() is None and watch.deadline is not None   # read, 59 s away
+    write_drain_deadline(tmp_path, 60.0, forced=True)
+    cut = watch.cut_due()
+    assert cut is not None and cut.forced and "second stop signal" in cut.message

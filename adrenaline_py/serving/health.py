@@ -69,9 +69,12 @@ def heartbeat_age(run_dir: str | Path, pid: int, now: float | None = None) -> fl
 class DrainDeadline:
     cut_at: float          # time.time() at which in-flight requests are ended with an error
     drain_timeout_s: float
+    forced: bool = False   # a second stop signal: end everything now
 
     @property
     def message(self) -> str:
+        if self.forced:
+            return "server shutting down: stopped at once (a second stop signal) before the request finished"
         return (f"server shutting down: the request did not finish within the drain timeout "
                 f"({self.drain_timeout_s:g}s)")
 
@@ -82,12 +85,15 @@ def drain_cut_margin(drain_timeout_s: float) -> float:
     return min(1.0, drain_timeout_s / 2)
 
 
-def write_drain_deadline(run_dir: str | Path, drain_timeout_s: float, now: float | None = None) -> DrainDeadline:
+def write_drain_deadline(run_dir: str | Path, drain_timeout_s: float, now: float | None = None,
+                         forced: bool = False) -> DrainDeadline:
+    """Announce when in-flight requests end; ``forced``: now (a second stop signal)."""
     now = time.time() if now is None else now
-    deadline = DrainDeadline(now + drain_timeout_s - drain_cut_margin(drain_timeout_s), drain_timeout_s)
+    cut_at = now if forced else now + drain_timeout_s - drain_cut_margin(drain_timeout_s)
+    deadline = DrainDeadline(cut_at, drain_timeout_s, forced)
     path = Path(run_dir) / DRAIN_FILE
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"cut_at": deadline.cut_at, "drain_timeout_s": drain_timeout_s}))
+    tmp.write_text(json.dumps({"cut_at": deadline.cut_at, "drain_timeout_s": drain_timeout_s, "forced": forced}))
     tmp.replace(path)  # readers never see half a file
     return deadline
 
@@ -102,13 +108,14 @@ class DrainWatch:
         self.deadline: DrainDeadline | None = None
 
     def cut_due(self) -> DrainDeadline | None:
-        """The deadline once it has passed, else None."""
+        """The deadline once it has passed, else None. Read again until it is forced: a second stop
+        signal moves it to now."""
         now = time.monotonic()
-        if self.deadline is None and now - self._checked >= self._check_every_s:
+        if (self.deadline is None or not self.deadline.forced) and now - self._checked >= self._check_every_s:
             self._checked = now
             try:
                 d = json.loads(self.path.read_text())
-                self.deadline = DrainDeadline(float(d["cut_at"]), float(d["drain_timeout_s"]))
+                self.deadline = DrainDeadline(float(d["cut_at"]), float(d["drain_timeout_s"]), bool(d.get("forced")))
             except (OSError, ValueError, KeyError, TypeError):
                 pass
         if self.deadline is not None and time.time() >= self.deadline.cut_at:

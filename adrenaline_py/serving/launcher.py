@@ -784,6 +784,10 @@ def _supervise(server: Server, stop_requested: threading.Event) -> int | None:
     return None
 
 
+#: after a second stop signal, how long the roles get to send their requests' errors before the kill
+STOP_NOW_GRACE_S = 1.5
+
+
 def serve_forever(engine: EngineConfig, options: ServerOptions) -> int:
     """Run the server until SIGTERM/SIGINT/SIGHUP, then drain and clean up. A tritonserver or HTTP
     front that dies is restarted (``max_restarts`` per 10 minutes each). Exit status: 0 after a
@@ -794,10 +798,15 @@ def serve_forever(engine: EngineConfig, options: ServerOptions) -> int:
 
     def on_signal(signum, frame):
         if stop_requested.is_set():  # a second signal: stop now
-            print(f"\nadrenaline: {signal.Signals(signum).name} again: killing tritonserver",
-                  file=sys.stderr, flush=True)
-            server.kill()
-            server.kill_front()
+            print(f"\nadrenaline: {signal.Signals(signum).name} again: ending every request with an error, "
+                  f"killing tritonserver in {STOP_NOW_GRACE_S:g}s", file=sys.stderr, flush=True)
+            try:  # decode and the scheduler end what they hold with an explicit error at once
+                write_drain_deadline(server.run_dir, options.drain_timeout_s, forced=True)
+            except OSError:
+                pass
+            killer = threading.Timer(STOP_NOW_GRACE_S, lambda: (server.kill(), server.kill_front()))
+            killer.daemon = True
+            killer.start()
         stop_requested.set()
 
     # Explicit handlers: a launcher started in the background inherits SIGINT ignored.
