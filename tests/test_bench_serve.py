@@ -460,3 +460,20 @@ def test_decode_loop_breakdown_is_milliseconds_per_step_and_per_response():
     assert b["host_step_ms"] == pytest.approx(22.0)        # the GPU span is not a host phase
     assert b["send_ms"] == pytest.approx(0.1) and b["lag_ms"] == pytest.approx(5.0) and b["events"] == 500
     assert bs.decode_loop_breakdown({}) == {}
+
+
+def test_pyspy_summary_puts_threads_in_roles_and_counts_leaf_frames():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "tools" / "pyspy_summary.py"
+    spec = importlib.util.spec_from_file_location("pyspy_summary", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    lines = ["thread (1): decode-loop;DecodeEngine._loop (decode.py:1);sample (sampler.py:9) 30",
+             "thread (2): output-0;OutputWorkers._work (output.py:2);Role._send (role_decode.py:3) 60",
+             "thread (2): output-0;OutputWorkers._work (output.py:2);tensor (common.py:4) 10",
+             "process 7:\"x\" not-a-count"]
+    total, roles, leaves = mod.summarize(lines)
+    assert total == 100 and roles == {"output": 70, "decode-loop": 30}
+    assert leaves[("output", "Role._send (role_decode.py:3)")] == 60

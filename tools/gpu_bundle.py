@@ -17,7 +17,7 @@ tree through a copy limited to 64 MiB per call, so the bundle must stay small:
   ``nvidia_pytriton.libs/...``), so unpacked into a site-packages directory it is found by
   ``TritonRuntime.locate()``.
 * ``wheels/``: wheels for the target Python (numpy 1.26.4, gguf, pytest-timeout, aiohttp and its dependencies,
-  tqdm), from PyPI via pip.
+  tqdm, py-spy), from PyPI via pip.
 * ``manifest.json``: every file's size and sha256, what was left out and why.
 
 Only the standard library is used, so ``install`` runs with any Python 3.10+ (the GPU machine's).
@@ -52,7 +52,7 @@ CARRY_LIMIT = 64 * MIB  # what one call to the GPU machine carries: working tree
 DEFAULT_MARGIN = 8 * MIB  # room for the lead's other carried paths and a growing tree
 DEFAULT_PYTHON_VERSION = "3.12"  # the GPU machine's Python (3.12.3)
 DEFAULT_STUBS = ("3.11", "3.12")  # 3.12 for the GPU machine, 3.11 to rehearse on this one
-PLATFORMS = ("manylinux_2_17_x86_64", "manylinux2014_x86_64")
+PLATFORMS = ("manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux_2_5_x86_64", "manylinux1_x86_64")
 TAR_MTIME = 1_700_000_000  # fixed member mtime: same inputs, same tarball bytes
 #: bumps when the selection or packing logic changes, so a cached tarball is not reused
 RUNTIME_FORMAT = 2
@@ -307,6 +307,9 @@ def wheel_specs(site_packages: Path) -> list[WheelSpec]:
     timeout = installed_version(site_packages, "pytest-timeout")
     if timeout is not None:  # pyproject's `timeout = 900` needs the plugin; pure Python, 20 kB
         specs.append(WheelSpec("pytest-timeout", timeout, "per-test timeouts of pyproject's pytest config"))
+    spy = installed_version(site_packages, "py-spy")
+    if spy is not None:  # a static binary (3 MB): tools/serve_bench.sh PYSPY=auto profiles the decode process
+        specs.append(WheelSpec("py-spy", spy, "sampling profiler of the serving processes (tools/serve_bench.sh)"))
     # The HTTP front (crash guards, OpenAI API) and `bench serve` run on aiohttp; about 3 MB with its deps.
     for name in ("aiohttp", "aiohappyeyeballs", "aiosignal", "attrs", "frozenlist", "idna", "multidict", "propcache",
                  "yarl", "tqdm"):

@@ -10,10 +10,12 @@
 # Environment: CONFIGS ("label:flags;label:flags"), SERVE_ARGS (flags of every server), BENCH_ARGS
 # (flags of every `bench serve`; --model is taken from SERVE_ARGS), PY [python3], OUT [/tmp/serve-bench]
 # (bench JSONs under $OUT/bench, server logs $OUT/serve_<label>.log), READY_TIMEOUT_S [300], BENCH_PY
-# [$PY] (the Python of `bench serve`, which needs aiohttp and tqdm). PYSPY (a py-spy binary): record the
+# [$PY] (the Python of `bench serve`, which needs aiohttp and tqdm). PYSPY (a py-spy binary, or "auto": the
+# one next to $PY, which `make venv` and the GPU bundle install): record the
 # decode process's Python stacks while each run goes on, PYSPY_AFTER_S [20] s after it starts, for
 # PYSPY_S [8] s: once only the thread holding the GIL ($OUT/pyspy_<label>_gil.txt), once every
-# thread that is running ($OUT/pyspy_<label>_cpu.txt); collapsed stacks, one count per line.
+# thread that is running ($OUT/pyspy_<label>_cpu.txt); collapsed stacks, one count per line
+# (summarize them with tools/pyspy_summary.py).
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 PY=${PY:-python3}
@@ -23,6 +25,10 @@ READY_TIMEOUT_S=${READY_TIMEOUT_S:-300}
 PORT=${PORT:-18000}
 mkdir -p "$OUT/bench"
 MODEL=$(sed -n 's/.*--model \([^ ]*\).*/\1/p' <<<"$SERVE_ARGS")
+if [ "${PYSPY:-}" = auto ]; then
+    PYSPY="$(dirname "$(command -v "$PY")")/py-spy"
+    [ -x "$PYSPY" ] || { echo "[serve-bench] PYSPY=auto: no py-spy next to $PY"; PYSPY=; }
+fi
 rc_all=0
 IFS=';' read -r -a configs <<<"$CONFIGS"
 for config in "${configs[@]}"; do
