@@ -477,3 +477,13 @@ def test_pyspy_summary_puts_threads_in_roles_and_counts_leaf_frames():
     total, roles, leaves = mod.summarize(lines)
     assert total == 100 and roles == {"output": 70, "decode-loop": 30}
     assert leaves[("output", "Role._send (role_decode.py:3)")] == 60
+
+
+def test_slo_capacity_is_the_best_throughput_among_runs_that_attain_the_target():
+    def run(rate, tok_s, attainment):
+        return {"request_rate": rate, "summary": {"output_throughput": tok_s, "slo": {"attainment": attainment}}}
+
+    results = [run(8, 3400.0, 1.0), run(14, 5500.0, 0.93), run(20, 6100.0, 0.37)]
+    assert bs.slo_capacity(results) == {"target": 0.9, "request_rate": 14, "output_throughput": 5500.0}
+    assert bs.slo_capacity(results, target=0.95)["request_rate"] == 8
+    assert bs.slo_capacity([run(20, 6100.0, 0.37)]) is None
