@@ -30,6 +30,7 @@ import triton_python_backend_utils as pb_utils
 from common import (
     bytes_tensor,
     check_internal,
+    client_message,
     dtype_for,
     engine_config,
     error_response,
@@ -53,6 +54,15 @@ from adrenaline_py.request import GenerationParams
 from adrenaline_py.serving.health import DrainWatch
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+def internal_error_response(message: str):
+    """An error for vllm_model, after our empty first response: a response with `finish_reason`
+    "error" and the message as `text_output`. A Triton error response after an empty first one left
+    the calling request unreleased in tritonserver 2.51 (its client's stream never closed)."""
+    return pb_utils.InferenceResponse(output_tensors=[
+        pb_utils.Tensor("text_output", np.array([client_message(message).encode("utf-8")], dtype=np.object_)),
+        bytes_tensor("finish_reason", "error")])
 
 
 class RequestRejected(Exception):
@@ -146,15 +156,19 @@ class Role:
         return None
 
     def _admit(self, request, sender) -> None:
+        key = None
         try:
             inputs = {t.name(): t for t in request.inputs()}
             own = {name: inputs.pop(name).as_numpy() for name in _DECODE_INPUTS if name in inputs}
             self._check_parameters(request)
-            key = None
             if "client_key" in own or "cancel_key" in own:
                 check_internal(own, self.engine, "ensemble")
                 key = text_of(own["client_key"]) if "client_key" in own else None
-
+            if key is not None:
+                # vllm_model's BLS call holds one of its stub's python-backend threads until our first
+                # response, and its responses to its client need those threads: answer at once (as
+                # the scheduler does for us). From here on its errors go as `finish_reason` "error".
+                sender.send(pb_utils.InferenceResponse(output_tensors=[]))
             if "cancel_key" in own:
                 self._cancelled_keys[text_of(own["cancel_key"])] = time.monotonic()
                 sender.send(flags=FINAL)
@@ -163,11 +177,11 @@ class Role:
             shape = first.as_numpy().shape if first is not None else ()
             batch = shape[0] if len(shape) > 1 else 1
         except (PermissionError, RequestRejected) as e:
-            self._send_error(sender, str(e))
+            self._send_error(sender, str(e), internal=key is not None)
             return
         except Exception as e:
             log.exception("admission failed")
-            self._send_error(sender, f"decode: {type(e).__name__}: {e}")
+            self._send_error(sender, f"decode: {type(e).__name__}: {e}", internal=key is not None)
             return
         group = ClientRequest(request, sender, batch, key, self._cancelled_keys)
         rows = [list(inputs.values())] if batch == 1 else [
@@ -233,11 +247,12 @@ class Role:
         except Exception as e:
             if handed_on is not None:  # blocks were reserved for it: give them back
                 self._free_reserved(handed_on)
+            internal = group.key is not None
             if isinstance(e, RequestRejected):
-                self._send_error(sender, where + str(e))
+                self._send_error(sender, where + str(e), internal)
             else:
                 log.exception("admission failed")
-                self._send_error(sender, f"{where}decode: {type(e).__name__}: {e}")
+                self._send_error(sender, f"{where}decode: {type(e).__name__}: {e}", internal)
             return None
         return seq
 
@@ -266,12 +281,12 @@ class Role:
         if unknown:
             raise RequestRejected(f"unexpected inference input '{unknown[0]}' for model '{self.model_name}'")
 
-    def _send_error(self, sender, message: str) -> None:
+    def _send_error(self, sender, message: str, internal: bool = False) -> None:
         # Every request end is counted (adrenaline_requests_finished_total), rejections included.
         with self._ended_lock:
             self._ended["cancelled" if "request cancelled" in message else "error"] += 1
         try:
-            sender.send(error_response(message), flags=FINAL)
+            sender.send(internal_error_response(message) if internal else error_response(message), flags=FINAL)
         except Exception:  # the client may be gone already
             log.warning("could not deliver error %r", message)
 
@@ -284,7 +299,8 @@ class Role:
             if chunk.error is not None:
                 group.closed = True
                 self._cancelled_keys.pop(group.key, None)
-                group.sender.send(error_response(chunk.error), flags=FINAL)
+                error = internal_error_response if group.key is not None else error_response
+                group.sender.send(error(chunk.error), flags=FINAL)
                 siblings = list(group.seq_ids)
             else:
                 if chunk.is_final:

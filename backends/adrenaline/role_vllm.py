@@ -124,9 +124,13 @@ class Role:
                     client.send(error_response(response.error().message()), final=True)
                     return
                 out = {t.name(): t.as_numpy() for t in response.output_tensors()}
-                if not out:  # a bare final flag
+                if not out:  # ensemble's empty first response, or a bare final flag
                     continue
                 finish = text_of(out["finish_reason"])
+                if finish == "error":  # ensemble's errors to us (role_decode.internal_error_response)
+                    message = out["text_output"].reshape(-1)[0]
+                    client.send(error_response(message.decode("utf-8", "replace")), final=True)
+                    return
                 final = bool(finish)
                 text = out["text_output"].reshape(-1)[0]
                 if final and prefix is not None and not stream:
