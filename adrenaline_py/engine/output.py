@@ -7,7 +7,7 @@ request), and call ``send(handle, chunk)`` for each response.
 
 A worker that falls behind catches up by merging: it takes every event queued for it and sends one
 response per request for all of that request's new tokens. A response through the Python
-backend costs ~0.1 ms of a stub thread (docs/performance.md), so at a few hundred rows and tens of
+backend costs 0.1-1 ms of a stub thread (docs/performance.md), so at a few hundred rows and tens of
 steps per second one response per token can outrun the senders; merging bounds the sends to what
 they can carry, and the decode loop never waits for a client. Streams then arrive in chunks of a
 few tokens (``num_output_tokens`` says how many), as with vLLM's ``stream_interval``.
@@ -167,10 +167,10 @@ class OutputWorkers:
         self._send = send
         self._on_stop = on_stop
         self._queues: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in range(max(1, num_threads))]
-        self._stats = [OutputStats() for _ in self._queues]
+        self._stats = [OutputStats() for _ in self._queues]  # one per worker: no lock on the hot path
         self._threads = [
-            threading.Thread(target=self._work, args=(q,), name=f"output-{i}", daemon=True)
-            for i, q in enumerate(self._queues)
+            threading.Thread(target=self._work, args=(q, stats), name=f"output-{i}", daemon=True)
+            for i, (q, stats) in enumerate(zip(self._queues, self._stats))
         ]
 
     def start(self) -> None:
@@ -207,9 +207,8 @@ class OutputWorkers:
         """Events waiting for a worker (approximate)."""
         return sum(q.qsize() for q in self._queues)
 
-    def _work(self, q: queue.SimpleQueue) -> None:
+    def _work(self, q: queue.SimpleQueue, stats: OutputStats) -> None:
         states: dict[int, RequestOutput] = {}
-        stats = self._stats[self._queues.index(q)]
         stopping = False
         while not stopping:
             items = [q.get()]
