@@ -94,8 +94,15 @@ class ExchangeBuffers:
 
     qkv:  [R, (Hq + 2 Hkv) D]  the offloaded rows' post-RoPE q | k | v, in the model dtype
     out:  [R, Hq, D]           their attention output
-    ctrl: int32, device variant only: [0] the connection's epoch; q flags at ``q_flags`` (decode →
-          executor: layer l's q/k/v are in place), o flags at ``o_flags`` (executor → decode)
+    ctrl: int32, device variant only: [0] the connection's epoch; a line of wait counters
+          (``waits``); q flags at ``q_flags`` (decode → executor: layer l's q/k/v are in place),
+          o flags at ``o_flags`` (executor → decode)
+
+    The wait counters are int64 nanoseconds of GPU time spent spinning in flag waits, summed since
+    the buffers were made: ``WAIT_DECODE`` decode waiting for the executor's outputs (the executor
+    was the slower side of a layer), ``WAIT_EXECUTOR_FIRST`` the executor waiting for a step's
+    first layer (it was ready before decode), ``WAIT_EXECUTOR`` the executor waiting for later
+    layers (decode was the slower side).
     """
 
     qkv: torch.Tensor
@@ -106,12 +113,16 @@ class ExchangeBuffers:
     head_dim: int
 
     NAMES = ("offload.qkv", "offload.out", "offload.ctrl")
+    HEADER = 32  # int32 slots of the first 128-byte line: [0] the epoch
+    STATS = 32   # the next line: int64 wait counters
+    WAIT_DECODE, WAIT_EXECUTOR_FIRST, WAIT_EXECUTOR = 0, 1, 2
 
     @staticmethod
     def shapes(model: ModelConfig, engine: EngineConfig) -> dict[str, tuple[int, ...]]:
         hq, hkv, d = model.num_attention_heads, model.num_key_value_heads, model.head_dim
         rows = engine.max_decode_batch
-        ctrl = 32 + 2 * _round_up(model.num_hidden_layers, 32)  # separate 128-byte lines for q and o flags
+        # separate 128-byte lines for the header, the counters, q flags and o flags
+        ctrl = ExchangeBuffers.HEADER + ExchangeBuffers.STATS + 2 * _round_up(model.num_hidden_layers, 32)
         return {"offload.qkv": (rows, (hq + 2 * hkv) * d), "offload.out": (rows, hq, d), "offload.ctrl": (ctrl,)}
 
     @classmethod
@@ -142,11 +153,20 @@ class ExchangeBuffers:
 
     @property
     def q_flags(self) -> int:
-        return 32
+        return self.HEADER + self.STATS
 
     @property
     def o_flags(self) -> int:
-        return 32 + (self.ctrl.shape[0] - 32) // 2
+        return self.q_flags + (self.ctrl.shape[0] - self.q_flags) // 2
+
+    def waits(self, slot: int) -> torch.Tensor:
+        """The int64 wait counter ``slot`` (a one-element view of ``ctrl``, given to `wait_flag`)."""
+        return self.ctrl[self.HEADER: self.HEADER + self.STATS].view(torch.int64)[slot: slot + 1]
+
+    def wait_seconds(self) -> tuple[float, float, float]:
+        """The three wait counters in seconds (one small device-to-host copy)."""
+        ns = self.ctrl[self.HEADER: self.HEADER + 6].view(torch.int64).tolist()
+        return ns[0] / 1e9, ns[1] / 1e9, ns[2] / 1e9
 
     def split(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q [n, Hq, D], k and v [n, Hkv, D]: views of the first n rows."""
@@ -238,12 +258,20 @@ if triton is not None:
         tl.atomic_xchg(ctrl_ptr + index, epoch, sem="release", scope="sys")
 
     @triton.jit
-    def _wait_kernel(ctrl_ptr, index):
+    def _globaltimer():
+        return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False,
+                                         pack=1)
+
+    @triton.jit
+    def _wait_kernel(ctrl_ptr, index, waited_ptr, TIMED: tl.constexpr):
         epoch = tl.load(ctrl_ptr)
+        started = _globaltimer()
         seen = tl.atomic_add(ctrl_ptr + index, 0, sem="acquire", scope="sys")
         while seen != epoch:
             seen = tl.atomic_add(ctrl_ptr + index, 0, sem="acquire", scope="sys")
         tl.atomic_xchg(ctrl_ptr + index, 0, sem="relaxed", scope="sys")
+        if TIMED:  # GPU time this stream sat waiting, for the metrics
+            tl.atomic_add(waited_ptr, _globaltimer() - started, sem="relaxed", scope="sys")
 
 
 def signal_flag(ctrl: torch.Tensor, index: int) -> None:
@@ -251,17 +279,21 @@ def signal_flag(ctrl: torch.Tensor, index: int) -> None:
     _signal_kernel[(1,)](ctrl, index, num_warps=1)
 
 
-def wait_flag(ctrl: torch.Tensor, index: int) -> None:
-    """This stream's later work starts once flag ``index`` holds the epoch; the flag is reset to 0."""
-    _wait_kernel[(1,)](ctrl, index, num_warps=1)
+def wait_flag(ctrl: torch.Tensor, index: int, waited: torch.Tensor | None = None) -> None:
+    """This stream's later work starts once flag ``index`` holds the epoch; the flag is reset to 0.
+    ``waited`` (int64, one element): the nanoseconds spent waiting are added to it."""
+    _wait_kernel[(1,)](ctrl, index, ctrl if waited is None else waited, TIMED=waited is not None, num_warps=1)
 
 
 def warm_up_flag_kernels(device: torch.device) -> None:
     """Compile the flag kernels before any graph capture (compiling inside a capture is not allowed)."""
-    scratch = torch.zeros(4, dtype=torch.int32, device=device)
+    scratch = torch.zeros(64, dtype=torch.int32, device=device)
     scratch[0] = 7
-    signal_flag(scratch, 1)
-    wait_flag(scratch, 1)
+    counters = scratch[32:].view(torch.int64)
+    for index in (1, 16, 17):  # Triton specializes integer arguments equal to 1 or divisible by 16,
+        for waited in (None, counters[0:1], counters[1:2]):  # and pointers by 16-byte alignment
+            signal_flag(scratch, index)
+            wait_flag(scratch, index, waited)
     # this stream only: a device-wide sync would wait for a peer's spinning wait (one GPU, one process)
     torch.cuda.current_stream(device).synchronize()
 
@@ -356,6 +388,11 @@ class OffloadTransport(ABC):
     def recv(self, layer: int, out: torch.Tensor) -> None:
         """Fill ``out`` [n, Hq, D] with the executor's attention output of ``layer``."""
 
+    def wait_seconds(self) -> tuple[float, float, float] | None:
+        """GPU seconds spent in the exchange's flag waits, summed since this transport was made
+        (`ExchangeBuffers.wait_seconds`); None where waits are not on the GPU."""
+        return None
+
     @contextmanager
     def dry_run(self) -> Iterator[None]:
         """Warm-up before a capture: `send`/`recv` move no data and wait for nobody."""
@@ -432,9 +469,13 @@ class DeviceTransport(OffloadTransport):
         signal_flag(self.buffers.ctrl, self.buffers.q_flags + layer)
 
     def recv(self, layer, out) -> None:
+        b = self.buffers
         if not self._dry:
-            wait_flag(self.buffers.ctrl, self.buffers.o_flags + layer)
-        out.copy_(self.buffers.out[: out.shape[0]])
+            wait_flag(b.ctrl, b.o_flags + layer, b.waits(b.WAIT_DECODE))
+        out.copy_(b.out[: out.shape[0]])
+
+    def wait_seconds(self) -> tuple[float, float, float] | None:
+        return self.buffers.wait_seconds()
 
     def finish_step(self) -> None:
         done = torch.cuda.Event()
@@ -590,7 +631,7 @@ class DeviceEndpoint(ExecutorEndpoint):
         q, k, v, out = self.layer_views(num_rows)
         for layer in range(self.model.num_hidden_layers):
             if not dry:
-                wait_flag(b.ctrl, b.q_flags + layer)
+                wait_flag(b.ctrl, b.q_flags + layer, b.waits(b.WAIT_EXECUTOR if layer else b.WAIT_EXECUTOR_FIRST))
             attend(layer, q, k, v, out)
             if not dry:
                 signal_flag(b.ctrl, b.o_flags + layer)

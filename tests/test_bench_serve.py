@@ -453,11 +453,17 @@ def test_decode_loop_breakdown_is_milliseconds_per_step_and_per_response():
                 'adrenaline_decode_step_seconds_total{phase="prepare"}': 0.2,
                 'adrenaline_decode_step_seconds_total{phase="wait"}': 2.0,
                 'adrenaline_decode_step_seconds_total{phase="device"}': 1.9,
+                'adrenaline_decode_step_seconds_total{phase="offload_wait"}': 0.3,
+                'adrenaline_decode_step_seconds_total{phase="executor_idle"}': 0.1,
+                "adrenaline_executor_steps_total": 50.0, "adrenaline_executor_host_seconds_total": 0.05,
                 "adrenaline_output_responses_total": 400.0, "adrenaline_output_events_total": 500.0,
                 "adrenaline_output_send_seconds_total": 0.04, "adrenaline_output_lag_seconds_total": 2.0}
     b = bs.decode_loop_breakdown(counters)
-    assert b["step_ms"] == pytest.approx({"prepare": 2.0, "wait": 20.0, "device": 19.0})
-    assert b["host_step_ms"] == pytest.approx(22.0)        # the GPU span is not a host phase
+    assert b["step_ms"] == pytest.approx({"prepare": 2.0, "wait": 20.0, "device": 19.0, "offload_wait": 3.0,
+                                          "executor_idle": 1.0})
+    assert list(b["step_ms"])[:2] == ["prepare", "wait"]   # host phases first, then GPU times
+    assert b["host_step_ms"] == pytest.approx(22.0)        # GPU times are not host phases
+    assert b["executor_host_ms"] == pytest.approx(1.0)     # per executor step
     assert b["send_ms"] == pytest.approx(0.1) and b["lag_ms"] == pytest.approx(5.0) and b["events"] == 500
     assert bs.decode_loop_breakdown({}) == {}
 

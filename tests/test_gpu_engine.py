@@ -183,6 +183,9 @@ def test_local_engine_on_gpu_offloaded_and_local_agree(offload, layout, tmp_path
         assert graphs is not None and graphs.num_graphs == len(graphs.keys)  # 2-D keys, all captured
         if offload != "never":
             assert engine.executor.num_steps > 0
+            waits = engine.decode.runner.transport.wait_seconds()  # GPU seconds in the exchange's waits
+            assert waits is not None and all(w >= 0 for w in waits) and sum(waits) > 0
+            assert sum(waits) < 60  # nanoseconds summed, not garbage
     if offload == "always":
         assert all(c.offloaded for c in got)
     elif offload == "never":
@@ -191,6 +194,37 @@ def test_local_engine_on_gpu_offloaded_and_local_agree(offload, layout, tmp_path
     for c, e in zip(got, expected):
         assert c.output_ids[:4] == e[:4]
         assert sum(a == b for a, b in zip(c.output_ids, e)) >= n_new - 4
+
+
+def test_flag_wait_adds_its_gpu_wait_time_to_the_counter():
+    """The exchange's wait kernel counts the nanoseconds it spun (the offload_wait / executor_idle
+    metrics): against CUDA events around a known delay on the signalling stream."""
+    from adrenaline_py.transport import signal_flag, wait_flag, warm_up_flag_kernels
+
+    warm_up_flag_kernels(torch.device(DEVICE))
+    ctrl = torch.zeros(64, dtype=torch.int32, device=DEVICE)
+    ctrl[0] = 5  # the epoch
+    waited = ctrl[32:34].view(torch.int64)[:1]
+    signal_flag(ctrl, 1)
+    wait_flag(ctrl, 1, waited)  # compiled for these arguments before anything is timed
+    waited.zero_()
+    waiter, signaller = torch.cuda.Stream(), torch.cuda.Stream()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    # the signal is enqueued before the wait, so nothing can hang: the wait starts during the sleep
+    with torch.cuda.stream(signaller):
+        start.record()
+        torch.cuda._sleep(50_000_000)  # tens of ms of GPU clock cycles
+        signal_flag(ctrl, 1)
+        end.record()
+    with torch.cuda.stream(waiter):
+        wait_flag(ctrl, 1, waited)
+    torch.cuda.synchronize()
+    delay_ms = start.elapsed_time(end)
+    waited_ms = waited.item() / 1e6
+    assert delay_ms > 5
+    assert 0.8 * delay_ms <= waited_ms <= 1.05 * delay_ms + 1.0, (waited_ms, delay_ms)
+    assert ctrl[1].item() == 0  # the wait reset its flag
 
 
 def test_cuda_ipc_tensor_is_shared_across_processes(tmp_path):

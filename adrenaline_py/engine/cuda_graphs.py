@@ -35,7 +35,10 @@ from adrenaline_py.attention.offload import OffloadAttentionBackend, OffloadDeco
 from adrenaline_py.models.llama import LlamaForCausalLM
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
-OFFLOAD_BUCKETS = (8, 16, 32, 64, 128, 256, 512)
+# As fine as the local buckets from 8 rows up: decode's dense layers run over both buckets' rows,
+# so a coarse offloaded bucket (143 rows in 256) cost decode a third more GEMM rows (measured on
+# 2xH200, docs/performance.md); the executor's own padding rows exit at once.
+OFFLOAD_BUCKETS = (8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 
 
 def batch_buckets(max_batch: int) -> list[int]:

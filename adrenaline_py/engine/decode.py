@@ -245,6 +245,12 @@ class StepTimes:
     ``update`` (finish checks, freeing); ``emit`` (handing events to the output threads). ``device``:
     on CUDA, the GPU's span from the step's first to its last operation; a step's wall time minus
     it is time the GPU sat waiting for the host.
+
+    GPU time in the offload exchange's flag waits (CUDA, read from the GPU's counters every
+    ``WAITS_EVERY`` steps): ``offload_wait`` decode waiting for the executor's outputs (the
+    executor was the slower side of a layer); ``executor_idle`` the executor waiting for decode's
+    q/k/v of layers after the first (decode was the slower side); ``executor_early`` the executor
+    waiting for a step's first layer (it was ready before decode sent it).
     """
 
     steps: int = 0
@@ -254,8 +260,19 @@ class StepTimes:
     update: float = 0.0
     emit: float = 0.0
     device: float = 0.0
+    offload_wait: float = 0.0
+    executor_idle: float = 0.0
+    executor_early: float = 0.0
 
-    PHASES = ("schedule", "prepare", "wait", "update", "emit", "device")
+    PHASES = ("schedule", "prepare", "wait", "update", "emit", "device", "offload_wait", "executor_idle",
+              "executor_early")
+    GPU_PHASES = ("device", "offload_wait", "executor_idle", "executor_early")
+    WAITS_EVERY = 8
+
+    def read_waits(self, transport: OffloadTransport) -> None:
+        waits = transport.wait_seconds()
+        if waits is not None:
+            self.offload_wait, self.executor_early, self.executor_idle = waits
 
 
 class _DeviceSpan:
@@ -453,6 +470,8 @@ class DecodeEngine:
         times.update += t3 - t2
         times.emit += t4 - t3
         times.device += self.runner.device_s
+        if plan.offloaded and times.steps % StepTimes.WAITS_EVERY == 0:
+            times.read_waits(self.runner.transport)  # one small copy; this step's work is done
         return True
 
     def _loop(self) -> None:

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,6 +82,7 @@ class AttentionExecutor:
             self.graphs = ExecutorGraphs(self._attend_with, self.pool.kv, engine.max_decode_batch, engine.max_model_len)
         self.block_tables: dict[int, list[int]] = {}
         self.num_steps = 0
+        self.host_s = 0.0  # summed over steps: from a step's schedule in hand to its layers launched
         self._server = OffloadServer(engine)
         # Liveness for admission (while this process lives, requests may be offloaded); written last,
         # so that a reader of this generation finds its pool in place.
@@ -125,12 +127,13 @@ class AttentionExecutor:
             kind, step = endpoint.channel.read_frame()
             if kind != STEP_FRAME:
                 raise ConnectionError(f"expected a STEP frame, got {kind!r}")
+            started = time.perf_counter()
             tables = self.apply_step(step)
             n = len(step.seq_ids)
-            if self.graphs is not None and self.graphs.replay(endpoint, step.seq_ids, tables, step.seq_lens):
-                continue
-            meta = build_decode_metadata(self.pool.kv, tables, step.seq_lens, self.device)
-            endpoint.run_step(n, self._attend_with(meta))
+            if self.graphs is None or not self.graphs.replay(endpoint, step.seq_ids, tables, step.seq_lens):
+                meta = build_decode_metadata(self.pool.kv, tables, step.seq_lens, self.device)
+                endpoint.run_step(n, self._attend_with(meta))
+            self.host_s += time.perf_counter() - started
 
     def apply_step(self, step: OffloadStep) -> list[list[int]]:
         """Update the block tables from the step's changes; returns the tables of its rows, in order."""

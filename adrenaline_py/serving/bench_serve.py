@@ -520,6 +520,11 @@ def summarize_server_metrics(snapshots: list[tuple[float, dict[tuple[str, Labels
     return out
 
 
+# the decode loop's phases (adrenaline_py/engine/decode.py StepTimes): host wall time, then GPU time
+HOST_PHASES = ("schedule", "prepare", "wait", "update", "emit")
+GPU_PHASES = ("device", "offload_wait", "executor_idle", "executor_early")
+
+
 def decode_loop_breakdown(counters: dict[str, float]) -> dict[str, Any]:
     """Milliseconds per decode step by phase, and the output threads' sends, from counter increases."""
     steps = counters.get("adrenaline_decode_steps_total", 0)
@@ -531,10 +536,13 @@ def decode_loop_breakdown(counters: dict[str, float]) -> dict[str, Any]:
             if m:
                 phases[m.group(1)] = 1e3 * value / steps
         if phases:
-            order = ("schedule", "prepare", "wait", "update", "emit", "device")
+            order = HOST_PHASES + GPU_PHASES
             out["step_ms"] = dict(sorted(phases.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order
                                          else len(order)))
-            out["host_step_ms"] = sum(v for k, v in phases.items() if k != "device")
+            out["host_step_ms"] = sum(v for k, v in phases.items() if k not in GPU_PHASES)
+    executor_steps = counters.get("adrenaline_executor_steps_total", 0)
+    if executor_steps > 0:
+        out["executor_host_ms"] = 1e3 * counters.get("adrenaline_executor_host_seconds_total", 0) / executor_steps
     responses = counters.get("adrenaline_output_responses_total", 0)
     if responses > 0:
         out["responses"] = responses
@@ -817,8 +825,15 @@ def format_summary(result: dict[str, Any]) -> str:
         if "step_ms" in loop:
             ph = loop["step_ms"]
             lines.append("  decode step (ms, mean): " + ", ".join(f"{k} {v:.2f}" for k, v in ph.items()
-                                                                 if k != "device")
+                                                                 if k not in GPU_PHASES)
                          + (f"; GPU span {ph['device']:.2f}" if ph.get("device") else ""))
+            if any(ph.get(k) for k in GPU_PHASES[1:]):
+                lines.append(f"  offload exchange (GPU ms per step): decode waited for the executor "
+                             f"{ph.get('offload_wait', 0):.2f}, executor waited for decode "
+                             f"{ph.get('executor_idle', 0):.2f} (+ {ph.get('executor_early', 0):.2f} "
+                             "before a step's first layer)"
+                             + (f"; executor host {loop['executor_host_ms']:.2f} ms per its step"
+                                if "executor_host_ms" in loop else ""))
         if "responses" in loop:
             lines.append(f"  responses: {loop['responses']:g} for {loop['events']:g} token events, "
                          f"send {loop['send_ms']:.3f} ms, lag {loop['lag_ms']:.1f} ms (means)")

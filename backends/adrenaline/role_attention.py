@@ -43,10 +43,15 @@ class Role:
                                        stall_timeout_s=self.engine.heartbeat_timeout_s)
         self.worker.start()
         self._steps_before = 0         # steps served by earlier generations
+        self._host_s_before = 0.0      # and their host seconds
         self._last: dict = {}          # the latest stats of the current generation
         self._lock = threading.Lock()  # the probe and the metrics sampler both ask
         steps = family("adrenaline_executor_steps_total", "decode steps served by the attention executor", "COUNTER")
         self._steps, self._seen_steps = steps.Metric(), 0
+        host = family("adrenaline_executor_host_seconds_total",
+                      "host seconds of the executor per step, from the step's schedule to its layers launched "
+                      "(decode's GPU waits for it at the step's first layer)", "COUNTER")
+        self._host_s, self._seen_host_s = host.Metric(), 0.0
         self._worker_metrics = WorkerMetrics("attention", self.worker)
         self._sampler = Sampler(self._update_metrics)
 
@@ -55,18 +60,25 @@ class Role:
             generation, stats = self.worker.call(("stats",))
             if self._last.get("generation") not in (None, generation):  # a restart: keep the old count
                 self._steps_before += self._last.get("steps", 0)
+                self._host_s_before += self._last.get("host_seconds", 0.0)
             self._last = {**stats, "generation": generation}
-            return {**stats, "steps": self._steps_before + stats["steps"], "restarts": self.worker.restarts}
+            return {**stats, "steps": self._steps_before + stats["steps"],
+                    "host_seconds": self._host_s_before + stats.get("host_seconds", 0.0),
+                    "restarts": self.worker.restarts}
 
     def _update_metrics(self) -> None:
         self._worker_metrics.update()
         try:
-            n = self._stats()["steps"]
+            stats = self._stats()
         except WorkerGone:
             return
+        n, host_s = stats["steps"], stats["host_seconds"]
         if n > self._seen_steps:
             self._steps.increment(n - self._seen_steps)
             self._seen_steps = n
+        if host_s > self._seen_host_s:
+            self._host_s.increment(host_s - self._seen_host_s)
+            self._seen_host_s = host_s
 
     def execute(self, requests):
         try:

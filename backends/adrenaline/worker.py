@@ -66,7 +66,8 @@ def serve_attention(engine: EngineConfig, generation: int, chan: Channel, config
             kind = chan.recv()[0]
             if kind == "stats":
                 a = executor.pool.allocator
-                chan.send({"steps": executor.num_steps, "num_free_blocks": a.num_free, "num_blocks": a.num_blocks,
+                chan.send({"steps": executor.num_steps, "host_seconds": executor.host_s,
+                           "num_free_blocks": a.num_free, "num_blocks": a.num_blocks,
                            "num_seqs": a.num_seqs, "generation": generation})
             else:
                 chan.send({"error": f"unknown request {kind!r}"})
