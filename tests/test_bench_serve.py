@@ -418,6 +418,11 @@ def test_sweep_over_http_and_grpc_against_a_real_server(server, tmp_path, smol_t
         assert m["histograms"]['adrenaline_decode_batch_size{rows="all"}']["mean"] >= 1
         for pool in ("decode", "executor"):
             assert 0.0 <= m["kv_use"][pool]["mean"] <= m["kv_use"][pool]["max"] <= 1.0
+        # each request's 7 decode steps attend 17..23 context tokens (16 prompt + outputs so far)
+        read = sum(m["counters"][f'adrenaline_attention_kv_tokens_read_total{{pool="{p}"}}']
+                   for p in ("decode", "executor"))
+        assert read == 6 * sum(range(17, 24))
+        assert m["kv_read_gbs"]["decode"] > 0 and m["kv_read_gbs"]["executor"] > 0  # ratio:0.5 uses both
     sends = [r["send_s"] for r in by_rate[4.0]["requests"]]
     assert sends == sorted(sends) and sends[-1] > 0.2      # Poisson arrivals at 4 req/s are spread out
     assert max(r["send_s"] for r in by_rate["inf"]["requests"]) < 0.5  # all at once
@@ -446,6 +451,14 @@ def test_rejected_requests_are_counted_as_failures(server, tmp_path, backend):
     assert (s["completed"], s["failed"]) == (0, 2)
     assert s["slo"]["attainment"] == 0.0
     assert all("max_tokens must be <= 256" in r["error"] for r in results[0]["requests"])
+
+
+def test_kv_read_bandwidth_is_tokens_times_bytes_per_token_over_the_span():
+    counters = {'adrenaline_attention_kv_tokens_read_total{pool="decode"}': 2e6,
+                'adrenaline_attention_kv_tokens_read_total{pool="executor"}': 1e6}
+    gauges = {"adrenaline_kv_bytes_per_token": {"mean": 524288.0, "max": 524288.0, "last": 524288.0}}
+    assert bs.kv_read_bandwidth(counters, gauges, 2.0) == pytest.approx({"decode": 524.288, "executor": 262.144})
+    assert bs.kv_read_bandwidth(counters, {}, 2.0) == {}  # an older server: no per-token size
 
 
 def test_decode_loop_breakdown_is_milliseconds_per_step_and_per_response():

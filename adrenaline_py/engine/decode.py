@@ -398,6 +398,8 @@ class DecodeEngine:
         self.num_steps = 0
         self.num_recovered = 0     # offloaded requests moved to decode after an executor failure
         self.batch_sizes: list[tuple[int, int]] = []  # (local, offloaded) per step, drained by metrics
+        # context tokens whose K/V each pool's attention read, summed over steps (bandwidth use)
+        self.kv_tokens_read = {"decode": 0, "executor": 0}
         self.times = StepTimes()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="decode-loop", daemon=True)
@@ -455,6 +457,8 @@ class DecodeEngine:
         self.num_steps += 1
         if len(self.batch_sizes) < 100_000:  # bounded if nobody drains it
             self.batch_sizes.append((len(plan.local), len(plan.offloaded)))
+        self.kv_tokens_read["decode"] += sum(s.num_tokens for s in plan.local)
+        self.kv_tokens_read["executor"] += sum(s.num_tokens for s in plan.offloaded)
         events = self.scheduler.update(plan, tokens)
         self.scheduler.publish_load()
         t3 = time.perf_counter()

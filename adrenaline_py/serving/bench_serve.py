@@ -507,6 +507,7 @@ def summarize_server_metrics(snapshots: list[tuple[float, dict[tuple[str, Labels
                 "max_interval_mean": max(interval_means) if interval_means else None,
             }
     out["decode_loop"] = decode_loop_breakdown(out["counters"])
+    out["kv_read_gbs"] = kv_read_bandwidth(out["counters"], out["gauges"], snapshots[-1][0] - snapshots[0][0])
     pools = sorted({dict(lb).get("pool") for n, lb in keys if n == "adrenaline_kv_blocks_used"} - {None})
     for pool in pools:
         fractions = []
@@ -517,6 +518,17 @@ def summarize_server_metrics(snapshots: list[tuple[float, dict[tuple[str, Labels
                 fractions.append(used / total)
         if fractions:
             out["kv_use"][pool] = {"mean": statistics.fmean(fractions), "max": max(fractions)}
+    return out
+
+
+def kv_read_bandwidth(counters: dict[str, float], gauges: dict[str, dict], span_s: float) -> dict[str, float]:
+    """GB/s of K/V that decode attention read from each pool's GPU, averaged over the sampled span."""
+    per_token = gauges.get("adrenaline_kv_bytes_per_token", {}).get("last")
+    out = {}
+    for name, tokens in counters.items():
+        m = re.fullmatch(r'adrenaline_attention_kv_tokens_read_total\{pool="(\w+)"\}', name)
+        if m and per_token and span_s > 0:
+            out[m.group(1)] = tokens * per_token / span_s / 1e9
     return out
 
 
@@ -816,7 +828,9 @@ def format_summary(result: dict[str, Any]) -> str:
     if m.get("num_samples"):
         lines.append(f"server ({m['num_samples']} samples of {m['url']})")
         for pool, kv in m["kv_use"].items():
-            lines.append(f"  KV use, {pool} pool: mean {kv['mean']:.1%}, max {kv['max']:.1%}")
+            read = m.get("kv_read_gbs", {}).get(pool)
+            lines.append(f"  KV use, {pool} pool: mean {kv['mean']:.1%}, max {kv['max']:.1%}"
+                         + (f"; attention read {read:.1f} GB/s of it" if read is not None else ""))
         for name, h in m["histograms"].items():
             if h["mean"] is not None:
                 lines.append(f"  {name}: mean {h['mean']:.2f} over {h['count']:g} steps, "

@@ -346,6 +346,12 @@ class DecodeMetrics:
         batch = family("adrenaline_decode_batch_size", "requests per decode step", "HISTOGRAM")
         self.batch = {r: batch.Metric(labels={"rows": r}, buckets=BATCH_BUCKETS) for r in ("all", "offloaded")}
         self.steps = family("adrenaline_decode_steps_total", "decode steps run", "COUNTER").Metric()
+        kv_read = family("adrenaline_attention_kv_tokens_read_total",
+                         "context tokens whose K/V decode attention read, summed over steps, per pool "
+                         "(x adrenaline_kv_bytes_per_token = bytes read from that pool's GPU)", "COUNTER")
+        self.kv_read = {p: kv_read.Metric(labels={"pool": p}) for p in POOL_NAMES}
+        self.kv_bytes_per_token = family("adrenaline_kv_bytes_per_token",
+                                         "bytes of K and V per token over all layers", "GAUGE").Metric()
         self._finished_family = family("adrenaline_requests_finished_total",
                                        "requests ended, by reason (refused or failed before decoding: error)",
                                        "COUNTER")
@@ -370,7 +376,7 @@ class DecodeMetrics:
         }
         self.queued = family("adrenaline_output_queued_events", "token events waiting for an output thread",
                              "GAUGE").Metric()
-        self._seen = {"steps": 0, "recovered": 0, "finished": {},
+        self._seen = {"steps": 0, "recovered": 0, "finished": {}, **{f"kv_read_{p}": 0 for p in POOL_NAMES},
                       **{f"phase_{p}": 0.0 for p in StepTimes.PHASES}, **{f"out_{k}": 0 for k in self.output}}
 
     def update(self) -> None:
@@ -393,6 +399,10 @@ class DecodeMetrics:
             self.batch["all"].observe(local + offloaded)
             self.batch["offloaded"].observe(offloaded)
         self._add(self.steps, loop.num_steps, "steps")
+        for p, metric in self.kv_read.items():
+            self._add(metric, loop.kv_tokens_read[p], f"kv_read_{p}")
+        kv = self.service.runner.pool.kv  # [L, 2, blocks, block_size, Hkv, D]
+        self.kv_bytes_per_token.set(kv.shape[0] * 2 * kv.shape[4] * kv.shape[5] * kv.element_size())
         for p, metric in self.phases.items():
             self._add(metric, getattr(loop.times, p), f"phase_{p}")
         out = self.service.outputs.stats()
