@@ -98,6 +98,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         restricted_apis=apis, api_key=a.api_key or os.environ.get(API_KEY_ENV) or None,
         api_key_header=a.api_key_header, drain_timeout_s=a.drain_timeout, stop_grace_s=a.stop_grace,
         front=not a.no_front, http_max_body_bytes=a.http_max_body_bytes, http_max_json_depth=a.http_max_json_depth,
+        grpc_max_message_bytes=a.grpc_max_message_bytes,
         served_model_name=a.served_model_name, max_restarts=a.max_restarts,
     )
     return serve_forever(engine_config_from_args(a), options)
@@ -165,14 +166,17 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--max-restarts", type=int, default=5,
                    help="restarts of a tritonserver (and of an HTTP front) that died, per 10 minutes, before "
                         "the launcher gives up")
-    g = s.add_argument_group("HTTP front (crash guards for tritonserver 2.51, OpenAI API)")
+    g = s.add_argument_group("front (guards for tritonserver 2.51's HTTP and gRPC, OpenAI API)")
     g.add_argument("--no-front", action="store_true",
-                   help="expose tritonserver's HTTP directly on --http-port, without the front: UNSAFE with 2.51, "
-                        "where a body of 4 MB or JSON nested 100,000 deep crashes the server; no OpenAI API")
+                   help="expose tritonserver's HTTP and gRPC directly on --http-port and --grpc-port, without the "
+                        "front: UNSAFE with 2.51, where a body of 4 MB or JSON nested 100,000 deep crashes the "
+                        "server and gRPC takes messages of up to 2 GB; no OpenAI API")
     g.add_argument("--http-max-body-bytes", type=int, default=1 << 20,
                    help="larger request bodies get 413 from the front (after decompression)")
     g.add_argument("--http-max-json-depth", type=int, default=32,
                    help="request bodies with JSON nested deeper get 400 from the front")
+    g.add_argument("--grpc-max-message-bytes", type=int, default=4 << 20,
+                   help="larger gRPC messages end their call with RESOURCE_EXHAUSTED at the front")
     g.add_argument("--served-model-name", default=None,
                    help="the model name of the OpenAI API (/v1/models); default: the --model value")
     g = s.add_argument_group("security")

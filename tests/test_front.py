@@ -37,6 +37,7 @@ from adrenaline_py.serving.front import (
     json_nesting_depth,
     serve,
 )
+from adrenaline_py.serving.grpc_front import DEFAULT_MAX_MESSAGE_BYTES
 from adrenaline_py.serving.launcher import ServerOptions
 
 # --- the depth scanner --------------------------------------------------------------------------------
@@ -143,6 +144,9 @@ def test_front_defaults_are_the_launcher_and_cli_defaults(monkeypatch):
     o = seen["o"][-1]
     assert (o.front, o.http_max_body_bytes, o.http_max_json_depth, o.served_model_name, o.max_restarts) == \
         (False, 1000, 8, "m", 2)
+    assert ServerOptions().grpc_max_message_bytes == DEFAULT_MAX_MESSAGE_BYTES
+    assert FrontConfig("x").max_grpc_message_bytes == DEFAULT_MAX_MESSAGE_BYTES
+    assert main(["serve", "--grpc-max-message-bytes", "65536"]) == 0 and seen["o"][-1].grpc_max_message_bytes == 65536
 
 
 def test_restart_budget_allows_a_bounded_number_per_window():
@@ -745,3 +749,95 @@ def _ok(url: str) -> bool:
         return request(url, timeout=5)[0] == 200
     except OSError:
         return False
+
+
+# --- the gRPC half: a message limit (tritonserver 2.51 has none and copies every input into shm) ------
+
+
+def _grpc_inputs(prompt: str, max_tokens: int):
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    def tensor(name, value, dtype):
+        t = grpcclient.InferInput(name, list(value.shape), dtype)
+        t.set_data_from_numpy(value)
+        return t
+
+    return [tensor("text_input", np.array([[prompt.encode()]], dtype=np.object_), "BYTES"),
+            tensor("max_tokens", np.array([[max_tokens]], dtype=np.int32), "INT32"),
+            tensor("exclude_input_in_output", np.array([[True]]), "BOOL"),
+            tensor("stream", np.array([[True]]), "BOOL")]
+
+
+def _grpc_generate(port: int, prompt: str, max_tokens: int = 4) -> tuple[str, int]:
+    """One streamed request for ``ensemble`` over gRPC; (text, output tokens), or raises the stream's error."""
+    import queue
+
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+    results: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    try:
+        client.async_stream_infer("ensemble", _grpc_inputs(prompt, max_tokens))
+        text, n = "", 0
+        while True:
+            result, error = results.get(timeout=120)
+            if error is not None:
+                raise error
+            text += result.as_numpy("text_output").reshape(-1)[0].decode()
+            n += int(result.as_numpy("num_output_tokens").reshape(-1)[0])
+            if result.as_numpy("finish_reason").reshape(-1)[0]:
+                return text, n
+    finally:
+        client.stop_stream()
+        client.close()
+
+
+@pytest.mark.server
+def test_triton_grpc_listens_on_loopback_behind_the_front(server):
+    assert server.triton_grpc_port != server.options.grpc_port
+    direct = _grpc_generate(server.triton_grpc_port, "The capital of France is")
+    assert direct[1] == 4
+    assert _grpc_generate(server.options.grpc_port, "The capital of France is") == direct
+
+
+@pytest.mark.server
+def test_a_grpc_message_over_the_limit_is_refused_and_the_server_keeps_serving(server):
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    huge = "word " * 1_000_000  # 5 MB of prompt: over the 4 MiB default
+    with pytest.raises(InferenceServerException) as e:
+        _grpc_generate(server.options.grpc_port, huge)
+    assert "RESOURCE_EXHAUSTED" in str(e.value.status()), e.value
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{server.options.grpc_port}")
+    try:  # unary: refused at the front (tritonserver would have said UNIMPLEMENTED for a decoupled model)
+        with pytest.raises(InferenceServerException) as e:
+            client.infer("ensemble", _grpc_inputs(huge, 4), client_timeout=60)
+        assert "RESOURCE_EXHAUSTED" in str(e.value.status()), e.value
+    finally:
+        client.close()
+    text, n = _grpc_generate(server.options.grpc_port, "The capital of France is")
+    assert n == 4 and text
+    assert_serving(server)
+
+
+@pytest.mark.server
+def test_grpc_errors_and_metadata_pass_through_the_front(server):
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{server.options.grpc_port}")
+    try:
+        assert client.is_server_ready() and client.is_model_ready("ensemble")
+        with pytest.raises(InferenceServerException) as e:  # tritonserver's own error, status and all
+            client.get_model_metadata("no_such_model")
+        assert "no_such_model" in str(e.value) and "NOT_FOUND" in str(e.value.status())
+        with pytest.raises(InferenceServerException) as e:  # restricted without the key ...
+            client.get_model_repository_index()
+        assert "This protocol is restricted" in str(e.value)  # tritonserver's answer, passed on
+        index = client.get_model_repository_index(headers=server.grpc_auth_headers)  # ... allowed with it
+        assert any(m.name == "ensemble" for m in index.models)
+    finally:
+        client.close()

@@ -121,8 +121,9 @@ def report(title: str, res: dict[str, dict], n: int, per_token: str = "token gap
         print(f"  {k:<10} {v['events']:>6} {v['gap_ms']:>16.3f} ms {v['first_ms']:>9.2f} ms "
               f"{v['total_ms']:>7.1f} ms")
     d = res["direct"]
-    for k in ("front /v2", "front /v1"):
-        v = res[k]
+    for k, v in res.items():
+        if k == "direct":
+            continue
         print(f"  {k} adds {(v['gap_ms'] - d['gap_ms']) * 1e3:+.0f} µs per token (median {per_token}), "
               f"{(v['total_ms'] - d['total_ms']):+.2f} ms per request of {n} tokens (median)")
 
@@ -203,6 +204,111 @@ def synthetic(n: int, rounds: int) -> dict[str, dict]:
             stop.set()
 
 
+# --- the gRPC half: ModelStreamInfer through the front's byte proxy (adrenaline_py/serving/grpc_front.py) ---
+
+STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
+
+
+def fake_grpc_triton(n: int, port_box: list, ready: threading.Event, stop: threading.Event) -> None:
+    """A gRPC server whose ModelStreamInfer answers each request with ``n`` messages 2 ms apart, each
+    holding the perf_counter time it was written (8 bytes; CLOCK_MONOTONIC is one clock for all processes)."""
+    import functools
+    import struct
+
+    import grpc
+
+    async def stream(requests, context):
+        async for _ in requests:
+            for _ in range(n):
+                yield struct.pack("<d", time.perf_counter())
+                await asyncio.sleep(0.002)
+            return
+
+    class Handler(grpc.GenericRpcHandler):
+        def service(self, details):
+            if details.method == STREAM_METHOD:
+                return grpc.stream_stream_rpc_method_handler(functools.partial(stream))
+            return None
+
+    async def main() -> None:
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers((Handler(),))
+        port_box.append(server.add_insecure_port("127.0.0.1:0"))
+        await server.start()
+        ready.set()
+        while not stop.is_set():
+            await asyncio.sleep(0.05)
+        await server.stop(None)
+
+    asyncio.run(main())
+
+
+def grpc_stream_latency(port: int, n: int) -> tuple[list[float], float, float]:
+    """(write-to-read latency of each message, time to the first message, time to the last) of one stream."""
+    import struct
+
+    import grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = channel.stream_stream(STREAM_METHOD)
+        sent = time.perf_counter()
+        latencies, first = [], None
+        for msg in call(iter([b"request"])):
+            now = time.perf_counter()
+            first = first if first is not None else now - sent
+            latencies.append(now - struct.unpack("<d", msg)[0])
+        assert len(latencies) == n, len(latencies)
+        return latencies, first, now - sent
+
+
+def grpc_synthetic(n: int, rounds: int) -> dict[str, dict]:
+    """The front (gRPC half) as a subprocess, as the launcher runs it, before a fake gRPC tritonserver."""
+    import subprocess
+
+    from adrenaline_py.serving.front import FrontConfig
+    from adrenaline_py.serving.launcher import _free_port
+
+    port_box: list = []
+    ready, stop = threading.Event(), threading.Event()
+    threading.Thread(target=fake_grpc_triton, args=(n, port_box, ready, stop), daemon=True).start()
+    ready.wait(30)
+    http_port, grpc_port = _free_port(), _free_port()
+    with tempfile.TemporaryDirectory() as d:
+        cfg = Path(d) / "front.json"
+        FrontConfig(upstream="http://127.0.0.1:9", port=http_port, model="dummy:tiny", served_model_name="bench",
+                    grpc_port=grpc_port, grpc_upstream=f"127.0.0.1:{port_box[0]}").save(cfg)
+        proc = subprocess.Popen([sys.executable, "-m", "adrenaline_py.serving.front", "--config", str(cfg)],
+                                cwd=PROJECT_ROOT, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    http.client.HTTPConnection("127.0.0.1", http_port, timeout=1).connect()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.1)
+            ports = {"direct": port_box[0], "front gRPC": grpc_port}
+            lat: dict[str, list[float]] = {k: [] for k in ports}
+            firsts: dict[str, list[float]] = {k: [] for k in ports}
+            totals: dict[str, list[float]] = {k: [] for k in ports}
+            for r in range(rounds + 1):  # round 0 warms up; interleaved, so that drift hits both alike
+                for name in (list(ports) if r % 2 == 0 else list(reversed(ports))):
+                    latencies, first, total = grpc_stream_latency(ports[name], n)
+                    if r:
+                        lat[name] += latencies
+                        firsts[name].append(first)
+                        totals[name].append(total)
+            return {k: {"events": n, "gap_ms": statistics.median(lat[k]) * 1e3,
+                        "first_ms": statistics.median(firsts[k]) * 1e3,
+                        "total_ms": statistics.median(totals[k]) * 1e3} for k in ports}
+        finally:
+            proc.terminate()
+            proc.wait(30)
+            stop.set()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", help="the front (public HTTP port) of a running server; default: start one")
@@ -210,13 +316,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-name", default="smollm2", help="served model name of the running server")
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=20)
-    p.add_argument("--only", choices=["model", "synthetic"])
+    p.add_argument("--only", choices=["model", "synthetic", "grpc"])
     a = p.parse_args(argv)
     print(f"bench_front: {time.strftime('%Y-%m-%d %H:%M')}, {a.tokens} tokens per stream, {a.rounds} rounds")
-    if a.only != "model":
+    if a.only in (None, "synthetic"):
         report("synthetic (fake tritonserver, one event every 2 ms; 'token' = write-to-read latency):",
                synthetic(a.tokens, a.rounds), a.tokens, per_token="latency")
-    if a.only == "synthetic":
+    if a.only in (None, "grpc"):
+        report("gRPC, synthetic (fake tritonserver's ModelStreamInfer, one message every 2 ms; 'token' = "
+               "write-to-read latency):", grpc_synthetic(a.tokens, a.rounds), a.tokens, per_token="latency")
+    if a.only in ("synthetic", "grpc"):
         return 0
     server = None
     if a.url is None:

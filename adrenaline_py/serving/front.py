@@ -133,6 +133,10 @@ class FrontConfig:
     max_tokens_limit: int = 1024
     api_key_header: str = "x-adrenaline-api-key"   # an OpenAI client's Bearer token is forwarded as it
     drain_timeout_s: float = 30.0                  # on SIGTERM: in-flight requests get this long
+    # the gRPC half (adrenaline_py/serving/grpc_front.py): public port and tritonserver's own gRPC
+    grpc_port: int | None = None                   # None: no gRPC front
+    grpc_upstream: str | None = None               # e.g. 127.0.0.1:41235
+    max_grpc_message_bytes: int = 4 << 20          # grpc_front.DEFAULT_MAX_MESSAGE_BYTES
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=1))
@@ -146,6 +150,8 @@ class FrontConfig:
             raise ValueError("the body limit and the JSON depth limit must be >= 1")
         if self.max_headers < 1 or self.max_header_bytes < 256:
             raise ValueError("the header limits must allow at least 1 header of 256 bytes")
+        if self.grpc_port is not None and (self.grpc_upstream is None or self.max_grpc_message_bytes < 1024):
+            raise ValueError("the gRPC front needs tritonserver's gRPC address and a message limit >= 1024 bytes")
 
 
 class OpenAIError(Exception):
@@ -726,11 +732,26 @@ async def serve(config: FrontConfig, started: asyncio.Event | None = None,
                 stop: asyncio.Event | None = None) -> None:
     """Serve until ``stop`` is set (or SIGTERM/SIGINT when ``stop`` is None), then drain: stop
     listening at once, let in-flight requests finish for up to ``drain_timeout_s``."""
+    grpc_server = grpc_proxy = None
+    if config.grpc_port is not None:  # first: whoever finds the HTTP port ready may use gRPC at once
+        from adrenaline_py.serving.grpc_front import start_grpc_front
+
+        grpc_server, grpc_proxy = await start_grpc_front(config.host, config.grpc_port, config.grpc_upstream,
+                                                         config.max_grpc_message_bytes)
+        log.info("front: gRPC on %s:%d (messages up to %d bytes), tritonserver's gRPC at %s", config.host,
+                 config.grpc_port, config.max_grpc_message_bytes, config.grpc_upstream)
     front = Front(config)
     runner = front.runner(front.app())
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port, reuse_address=True)
-    await site.start()
+    try:
+        await site.start()
+    except OSError:
+        await runner.cleanup()
+        if grpc_server is not None:
+            await grpc_server.stop(None)
+            await grpc_proxy.close()
+        raise
     if stop is None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -740,7 +761,12 @@ async def serve(config: FrontConfig, started: asyncio.Event | None = None,
     if started is not None:
         started.set()
     await stop.wait()
-    await runner.cleanup()
+    if grpc_server is None:
+        await runner.cleanup()
+        return
+    # both stop listening at once; in-flight calls get the drain timeout, then gRPC cancels them
+    await asyncio.gather(runner.cleanup(), grpc_server.stop(config.drain_timeout_s))
+    await grpc_proxy.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -753,8 +779,9 @@ def main(argv: list[str] | None = None) -> int:
     config = FrontConfig.load(a.config)
     try:
         asyncio.run(serve(config))
-    except OSError as e:  # the port is taken: the launcher reports it
-        print(f"adrenaline front: cannot listen on {config.host}:{config.port}: {e}", file=sys.stderr)
+    except OSError as e:  # a port is taken: the launcher reports it
+        print(f"adrenaline front: cannot listen on {config.host}:{config.port}"
+              + (f" / gRPC {config.grpc_port}" if config.grpc_port is not None else "") + f": {e}", file=sys.stderr)
         return 3
     return 0
 

@@ -87,6 +87,10 @@ class ServerOptions:
     http_max_json_depth: int = 32        # front.DEFAULT_MAX_JSON_DEPTH
     served_model_name: str | None = None  # the OpenAI API's model name; None: the --model value
     triton_http_port: int | None = None   # None: a free loopback port (only with the front)
+    # The front's gRPC half (adrenaline_py/serving/grpc_front.py) on grpc_port: a message-size limit
+    # (2.51 has none); tritonserver's gRPC then listens on 127.0.0.1:triton_grpc_port.
+    grpc_max_message_bytes: int = 4 << 20
+    triton_grpc_port: int | None = None   # None: a free loopback port (only with the front)
     max_restarts: int = 5             # serve_forever: restarts of tritonserver (and of the front) per 10 min
 
 
@@ -182,10 +186,13 @@ class Server:
         self.front_process: subprocess.Popen | None = None
         if options.front and (options.http_max_body_bytes < 1 or options.http_max_json_depth < 1):
             raise ValueError("--http-max-body-bytes and --http-max-json-depth must be >= 1")
+        if options.front and options.grpc_max_message_bytes < 1024:
+            raise ValueError("--grpc-max-message-bytes must be >= 1024")
         if options.front and importlib.util.find_spec("aiohttp") is None:
             raise ValueError("the HTTP front needs aiohttp (pip install 'aiohttp>=3.13.4'); --no-front serves "
                              "without it, unsafely with tritonserver 2.51 (docs/reliability.md)")
         self.triton_http_port = (options.triton_http_port or _free_port()) if options.front else options.http_port
+        self.triton_grpc_port = (options.triton_grpc_port or _free_port()) if options.front else options.grpc_port
         self.served_model_name = options.served_model_name or engine.model
         self.mps = MPSDaemon(self.run_dir) if engine.device == "cuda" and options.use_mps else None
         self._log_file = None
@@ -267,9 +274,9 @@ class Server:
             self.mps.start()
             env.update(self.mps.env)
         cmd = runtime.server_command(
-            repo, backends, self.triton_http_port, o.grpc_port, o.metrics_port, address=o.address,
-            # behind the front, tritonserver's HTTP is reachable from this host only (last flag wins)
-            extra_args=("--http-address=127.0.0.1",) if o.front else (),
+            repo, backends, self.triton_http_port, self.triton_grpc_port, o.metrics_port, address=o.address,
+            # behind the front, tritonserver's HTTP and gRPC are reachable from this host only (last flag wins)
+            extra_args=("--http-address=127.0.0.1", "--grpc-address=127.0.0.1") if o.front else (),
             log_verbose=o.log_verbose, exit_timeout_s=math.ceil(o.drain_timeout_s),
             restricted_apis=o.restricted_apis,
             restricted_header=(o.api_key_header, self.api_key) if self.api_key is not None else None,
@@ -297,7 +304,8 @@ class Server:
             served_model_name=self.served_model_name, max_body_bytes=o.http_max_body_bytes,
             max_json_depth=o.http_max_json_depth, max_model_len=self.engine.max_model_len,
             max_tokens_limit=self.engine.max_tokens_limit, api_key_header=o.api_key_header,
-            drain_timeout_s=o.drain_timeout_s)
+            drain_timeout_s=o.drain_timeout_s, grpc_port=o.grpc_port,
+            grpc_upstream=f"127.0.0.1:{self.triton_grpc_port}", max_grpc_message_bytes=o.grpc_max_message_bytes)
         config.validate()
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         path = self.run_dir / "front.json"
@@ -702,10 +710,13 @@ def _print_ready(server: Server) -> None:
               f"/v1/chat/completions)\n"
               f"  HTTP front on {server.http_url}: Triton and OpenAI APIs on one port; bodies up to "
               f"{o.http_max_body_bytes} bytes, JSON up to {o.http_max_json_depth} levels deep; tritonserver's own "
-              f"HTTP on {server.triton_http_url} (loopback)", file=sys.stderr, flush=True)
+              f"HTTP on {server.triton_http_url} (loopback)\n"
+              f"  gRPC front on {o.address}:{o.grpc_port}: messages up to {o.grpc_max_message_bytes} bytes; "
+              f"tritonserver's own gRPC on 127.0.0.1:{server.triton_grpc_port}", file=sys.stderr, flush=True)
     else:
-        print("  HTTP front off (--no-front): tritonserver 2.51's HTTP is exposed directly, and a body of 4 MB "
-              "or JSON nested 100,000 deep crashes it (docs/reliability.md)", file=sys.stderr, flush=True)
+        print("  front off (--no-front): tritonserver 2.51's HTTP and gRPC are exposed directly: a body of 4 MB "
+              "or JSON nested 100,000 deep crashes it, and gRPC takes messages of up to 2 GB (docs/reliability.md)",
+              file=sys.stderr, flush=True)
     print(f"Ctrl-C or SIGTERM stops the server (in-flight requests get up to "
           f"{o.drain_timeout_s:g}s).", file=sys.stderr, flush=True)
 
