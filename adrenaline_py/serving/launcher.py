@@ -191,8 +191,11 @@ class Server:
         if options.front and importlib.util.find_spec("aiohttp") is None:
             raise ValueError("the HTTP front needs aiohttp (pip install 'aiohttp>=3.13.4'); --no-front serves "
                              "without it, unsafely with tritonserver 2.51 (docs/reliability.md)")
+        #: the front's gRPC half runs where grpcio is installed (a dependency; the GPU bundle lacks it):
+        #: without it tritonserver's gRPC is public, with no message limit (said at start-up)
+        self.grpc_front = options.front and importlib.util.find_spec("grpc") is not None
         self.triton_http_port = (options.triton_http_port or _free_port()) if options.front else options.http_port
-        self.triton_grpc_port = (options.triton_grpc_port or _free_port()) if options.front else options.grpc_port
+        self.triton_grpc_port = (options.triton_grpc_port or _free_port()) if self.grpc_front else options.grpc_port
         self.served_model_name = options.served_model_name or engine.model
         self.mps = MPSDaemon(self.run_dir) if engine.device == "cuda" and options.use_mps else None
         self._log_file = None
@@ -276,7 +279,8 @@ class Server:
         cmd = runtime.server_command(
             repo, backends, self.triton_http_port, self.triton_grpc_port, o.metrics_port, address=o.address,
             # behind the front, tritonserver's HTTP and gRPC are reachable from this host only (last flag wins)
-            extra_args=("--http-address=127.0.0.1", "--grpc-address=127.0.0.1") if o.front else (),
+            extra_args=(("--http-address=127.0.0.1",) if o.front else ())
+            + (("--grpc-address=127.0.0.1",) if self.grpc_front else ()),
             log_verbose=o.log_verbose, exit_timeout_s=math.ceil(o.drain_timeout_s),
             restricted_apis=o.restricted_apis,
             restricted_header=(o.api_key_header, self.api_key) if self.api_key is not None else None,
@@ -304,7 +308,7 @@ class Server:
             served_model_name=self.served_model_name, max_body_bytes=o.http_max_body_bytes,
             max_json_depth=o.http_max_json_depth, max_model_len=self.engine.max_model_len,
             max_tokens_limit=self.engine.max_tokens_limit, api_key_header=o.api_key_header,
-            drain_timeout_s=o.drain_timeout_s, grpc_port=o.grpc_port,
+            drain_timeout_s=o.drain_timeout_s, grpc_port=o.grpc_port if self.grpc_front else None,
             grpc_upstream=f"127.0.0.1:{self.triton_grpc_port}", max_grpc_message_bytes=o.grpc_max_message_bytes)
         config.validate()
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -710,9 +714,13 @@ def _print_ready(server: Server) -> None:
               f"/v1/chat/completions)\n"
               f"  HTTP front on {server.http_url}: Triton and OpenAI APIs on one port; bodies up to "
               f"{o.http_max_body_bytes} bytes, JSON up to {o.http_max_json_depth} levels deep; tritonserver's own "
-              f"HTTP on {server.triton_http_url} (loopback)\n"
-              f"  gRPC front on {o.address}:{o.grpc_port}: messages up to {o.grpc_max_message_bytes} bytes; "
-              f"tritonserver's own gRPC on 127.0.0.1:{server.triton_grpc_port}", file=sys.stderr, flush=True)
+              f"HTTP on {server.triton_http_url} (loopback)", file=sys.stderr, flush=True)
+        if server.grpc_front:
+            print(f"  gRPC front on {o.address}:{o.grpc_port}: messages up to {o.grpc_max_message_bytes} bytes; "
+                  f"tritonserver's own gRPC on 127.0.0.1:{server.triton_grpc_port}", file=sys.stderr, flush=True)
+        else:
+            print("  gRPC front off (grpcio is not installed): tritonserver 2.51's gRPC is exposed directly and "
+                  "takes messages of up to 2 GB (docs/reliability.md)", file=sys.stderr, flush=True)
     else:
         print("  front off (--no-front): tritonserver 2.51's HTTP and gRPC are exposed directly: a body of 4 MB "
               "or JSON nested 100,000 deep crashes it, and gRPC takes messages of up to 2 GB (docs/reliability.md)",
