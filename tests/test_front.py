@@ -712,6 +712,7 @@ def test_launcher_restarts_a_crashed_tritonserver_and_a_killed_front(tmp_path):
         assert _wait(lambda: "the HTTP front exited with signal SIGKILL; restarting it" in launcher.log(), 15)
         assert _wait(lambda: _ok(f"{launcher.url}/v2/health/ready"), 30), launcher.log()[-2000:]
         assert generate(launcher.url, "Hello", 4)["num_output_tokens"] == 4
+        assert _grpc_generate(launcher.grpc, "Hello")[1] == 4  # the gRPC half came back with it
 
         launcher.proc.send_signal(signal.SIGTERM)
         assert launcher.proc.wait(60) == 0, launcher.log()[-3000:]
