@@ -825,6 +825,22 @@ def test_a_grpc_message_over_the_limit_is_refused_and_the_server_keeps_serving(s
 
 
 @pytest.mark.server
+def test_a_compressed_grpc_message_is_limited_by_its_decompressed_size(server):
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{server.options.grpc_port}")
+    try:  # 50 MB of one repeated word: about 50 KB on the wire with gzip
+        with pytest.raises(InferenceServerException) as e:
+            client.infer("ensemble", _grpc_inputs("word " * 10_000_000, 4), client_timeout=60,
+                         compression_algorithm="gzip")
+        assert "RESOURCE_EXHAUSTED" in str(e.value.status()), e.value
+    finally:
+        client.close()
+    assert _grpc_generate(server.options.grpc_port, "The capital of France is")[1] == 4
+
+
+@pytest.mark.server
 def test_grpc_errors_and_metadata_pass_through_the_front(server):
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
