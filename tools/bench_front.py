@@ -218,10 +218,11 @@ def fake_grpc_triton(n: int, port_box: list, ready: threading.Event, stop: threa
     import grpc
 
     async def stream(requests, context):
-        async for _ in requests:
+        async for request in requests:
+            flood = request == b"flood"  # as fast as it can (throughput), else 2 ms apart (latency)
             for _ in range(n):
                 yield struct.pack("<d", time.perf_counter())
-                await asyncio.sleep(0.002)
+                await asyncio.sleep(0 if flood else 0.002)
             return
 
     class Handler(grpc.GenericRpcHandler):
@@ -261,7 +262,25 @@ def grpc_stream_latency(port: int, n: int) -> tuple[list[float], float, float]:
         return latencies, first, now - sent
 
 
-def grpc_synthetic(n: int, rounds: int) -> dict[str, dict]:
+def grpc_throughput(port: int, n: int, streams: int) -> float:
+    """Messages per second read by ``streams`` concurrent streams of ``n`` messages each (one thread each)."""
+    import grpc
+
+    def one() -> None:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            got = sum(1 for _ in channel.stream_stream(STREAM_METHOD)(iter([b"flood"])))
+            assert got == n, got
+
+    threads = [threading.Thread(target=one) for _ in range(streams)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return streams * n / (time.perf_counter() - t0)
+
+
+def grpc_synthetic(n: int, rounds: int, streams: int = 0) -> dict[str, dict]:
     """The front (gRPC half) as a subprocess, as the launcher runs it, before a fake gRPC tritonserver."""
     import subprocess
 
@@ -300,9 +319,14 @@ def grpc_synthetic(n: int, rounds: int) -> dict[str, dict]:
                         lat[name] += latencies
                         firsts[name].append(first)
                         totals[name].append(total)
-            return {k: {"events": n, "gap_ms": statistics.median(lat[k]) * 1e3,
-                        "first_ms": statistics.median(firsts[k]) * 1e3,
-                        "total_ms": statistics.median(totals[k]) * 1e3} for k in ports}
+            res = {k: {"events": n, "gap_ms": statistics.median(lat[k]) * 1e3,
+                       "first_ms": statistics.median(firsts[k]) * 1e3,
+                       "total_ms": statistics.median(totals[k]) * 1e3} for k in ports}
+            if streams:
+                for k, port in ports.items():
+                    rates = [grpc_throughput(port, 10 * n, streams) for _ in range(3)]
+                    res[k]["messages_per_s"] = statistics.median(rates)
+            return res
         finally:
             proc.terminate()
             proc.wait(30)
@@ -317,14 +341,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--only", choices=["model", "synthetic", "grpc"])
+    p.add_argument("--grpc-streams", type=int, default=16,
+                   help="gRPC throughput: concurrent streams that read messages as fast as they come (0: skip)")
     a = p.parse_args(argv)
     print(f"bench_front: {time.strftime('%Y-%m-%d %H:%M')}, {a.tokens} tokens per stream, {a.rounds} rounds")
     if a.only in (None, "synthetic"):
         report("synthetic (fake tritonserver, one event every 2 ms; 'token' = write-to-read latency):",
                synthetic(a.tokens, a.rounds), a.tokens, per_token="latency")
     if a.only in (None, "grpc"):
+        res = grpc_synthetic(a.tokens, a.rounds, a.grpc_streams)
         report("gRPC, synthetic (fake tritonserver's ModelStreamInfer, one message every 2 ms; 'token' = "
-               "write-to-read latency):", grpc_synthetic(a.tokens, a.rounds), a.tokens, per_token="latency")
+               "write-to-read latency):", res, a.tokens, per_token="latency")
+        for k, v in res.items():
+            if "messages_per_s" in v:
+                print(f"  {k}: {v['messages_per_s']:.0f} messages/s with {a.grpc_streams} streams flooding "
+                      f"({10 * a.tokens} messages each, median of 3)")
     if a.only in ("synthetic", "grpc"):
         return 0
     server = None
