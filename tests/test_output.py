@@ -175,6 +175,34 @@ def test_a_worker_that_fell_behind_sends_fewer_responses_with_every_token():
     assert stats.events == len(events) and stats.responses == 2 and stats.lag_s > 0
 
 
+def test_queued_counts_events_until_their_responses_are_out_and_ignores_cancel_checks():
+    from adrenaline_py.engine.output import OutputWorkers
+
+    seq = make_seq(stream=True)
+    entered, gate = threading.Event(), threading.Event()
+
+    def send(handle, chunk):
+        entered.set()
+        gate.wait(5)
+
+    workers = OutputWorkers(TOK, send, lambda seq_id: None, num_threads=2)
+    workers.start()
+    try:
+        events = events_for(seq, "Hi!")
+        workers.submit(events)
+        assert entered.wait(5)
+        workers.check_cancelled(lambda handle: False, lambda seq_id: None)
+        assert workers.queued() == len(events)  # taken but still being sent: not out yet
+        gate.set()
+        deadline = time.monotonic() + 5
+        while workers.queued() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert workers.queued() == 0            # the cancel checks queued meanwhile do not count
+    finally:
+        gate.set()
+        workers.stop()
+
+
 def test_output_threads_wait_at_a_closed_gate_and_go_when_it_opens():
     from adrenaline_py.engine.output import HostGate, OutputWorkers
 

@@ -7,6 +7,7 @@ within the drain timeout, and afterwards no process of the server and nothing it
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
@@ -296,18 +297,30 @@ def test_sigterm_lets_the_inflight_stream_finish_then_leaves_nothing(launch):
     assert _leftovers(before) == set()
 
 
-def test_second_sigterm_stops_at_once_and_cleans_up_what_tritonserver_left(launch):
+@pytest.mark.parametrize("back_to_back", [False, True], ids=["after-stopping", "back-to-back"])
+def test_second_sigterm_stops_at_once_and_cleans_up_what_tritonserver_left(launch, back_to_back):
     """The forced path: tritonserver is killed mid-request; the launcher still removes its stubs,
-    the python backend's shm regions (which only a clean unload removes) and the run directory."""
+    the python backend's shm regions (which only a clean unload removes) and the run directory.
+    Back to back: the second signal comes before the drain announced its own deadline, which must
+    not overwrite the forced one."""
     before = _shm_listing()
     server = launch(*LONG_CONTEXT, drain_timeout=60)
     stream = Stream(server.url, max_tokens=3900)
     stream.start()
     assert stream.started_streaming.wait(60) and stream.events, stream.error
+    # An idle keep-alive connection to tritonserver's own HTTP holds 2.51's drain to its exit timeout
+    # (docs/reliability.md): tritonserver cannot stop by itself, so the launcher must kill it.
+    internal = re.search(r"tritonserver's own HTTP on http://127\.0\.0\.1:(\d+)", server.log()).group(1)
+    idle = http.client.HTTPConnection("127.0.0.1", int(internal), timeout=10)
+    idle.request("GET", "/v2/health/live")
+    assert idle.getresponse().read() == b""
     server.snapshot()
     t0 = time.monotonic()
     server.proc.send_signal(signal.SIGTERM)
-    assert _wait(lambda: "adrenaline: stopping" in server.log(), 5.0)
+    if not back_to_back:
+        assert _wait(lambda: "adrenaline: stopping" in server.log(), 5.0)
+    else:
+        time.sleep(0.05)  # two handlers, in order
     server.proc.send_signal(signal.SIGTERM)
     rc = server.proc.wait(30)
     took = time.monotonic() - t0
@@ -320,6 +333,7 @@ def test_second_sigterm_stops_at_once_and_cleans_up_what_tritonserver_left(launc
     assert stream.event_error is not None and "second stop signal" in stream.event_error, (stream.error,
                                                                                           stream.events[-1:])
     log = server.log()
+    idle.close()
     assert "killing tritonserver" in log and "not cleanly" in log, log[-3000:]
     assert server.server_processes_left() == []
     assert not Path(server.run_dir).exists()

@@ -168,6 +168,8 @@ class OutputWorkers:
         self._on_stop = on_stop
         self._queues: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in range(max(1, num_threads))]
         self._stats = [OutputStats() for _ in self._queues]  # one per worker: no lock on the hot path
+        self._submitted = 0  # token events handed over (submit may run on several threads)
+        self._submit_lock = threading.Lock()
         self._threads = [
             threading.Thread(target=self._work, args=(q, stats), name=f"output-{i}", daemon=True)
             for i, (q, stats) in enumerate(zip(self._queues, self._stats))
@@ -194,6 +196,8 @@ class OutputWorkers:
 
     def submit(self, events: list[TokenEvent]) -> None:
         n, now = len(self._queues), time.perf_counter()
+        with self._submit_lock:
+            self._submitted += len(events)
         for ev in events:
             self._queues[ev.seq.seq_id % n].put((now, ev))
 
@@ -204,8 +208,8 @@ class OutputWorkers:
         return total
 
     def queued(self) -> int:
-        """Events waiting for a worker (approximate)."""
-        return sum(q.qsize() for q in self._queues)
+        """Token events handed over whose responses are not out yet (queued or being sent)."""
+        return self._submitted - sum(s.events for s in self._stats)
 
     def _work(self, q: queue.SimpleQueue, stats: OutputStats) -> None:
         states: dict[int, RequestOutput] = {}
@@ -228,11 +232,11 @@ class OutputWorkers:
                 at, ev = item
                 events.append(ev)
                 first_seen.setdefault(ev.seq.seq_id, at)
-            stats.events += len(events)
             for ev in merge_events(events) if len(events) > 1 else events:
                 if self._gate is not None:
                     self._gate.wait()
                 self._handle(states, ev, first_seen[ev.seq.seq_id], stats)
+            stats.events += len(events)  # handled: their responses are out
 
     def _check_cancelled(self, states: dict[int, RequestOutput], check: _CancelCheck) -> None:
         for seq_id, state in states.items():

@@ -25,6 +25,7 @@ from pathlib import Path
 HEARTBEAT_DIR = "heartbeat"
 HEARTBEAT_PERIOD_S = 0.5
 DRAIN_FILE = "drain.json"
+DRAIN_ACK_FILE = "drain_ack"  # decode wrote it: after a forced stop it holds no request and sent every error
 
 
 def heartbeat_path(run_dir: str | Path, pid: int) -> Path:
@@ -96,6 +97,14 @@ def write_drain_deadline(run_dir: str | Path, drain_timeout_s: float, now: float
     tmp.write_text(json.dumps({"cut_at": deadline.cut_at, "drain_timeout_s": drain_timeout_s, "forced": forced}))
     tmp.replace(path)  # readers never see half a file
     return deadline
+
+
+def write_drain_ack(run_dir: str | Path) -> None:
+    (Path(run_dir) / DRAIN_ACK_FILE).touch()
+
+
+def drain_acked(run_dir: str | Path) -> bool:
+    return (Path(run_dir) / DRAIN_ACK_FILE).exists()
 
 
 class DrainWatch:

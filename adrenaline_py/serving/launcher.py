@@ -39,7 +39,7 @@ from string import Template
 
 from adrenaline_py.config import EngineConfig
 from adrenaline_py.profile import needs_gpus, probe_gpus, resolve_engine
-from adrenaline_py.serving.health import HEARTBEAT_DIR, heartbeat_age, write_drain_deadline
+from adrenaline_py.serving.health import HEARTBEAT_DIR, drain_acked, heartbeat_age, write_drain_deadline
 from adrenaline_py.serving.private import child_setup, hide_args, split_secret_args
 from adrenaline_py.serving.triton_runtime import (
     DEFAULT_RESTRICTED_APIS,
@@ -200,6 +200,7 @@ class Server:
         self.mps = MPSDaemon(self.run_dir) if engine.device == "cuda" and options.use_mps else None
         self._log_file = None
         self._lock = threading.Lock()
+        self.drain_announced = threading.Event()
         self._stopped = False
         #: python-backend shared-memory regions (names in /dev/shm) seen mapped by tritonserver
         self.shm_regions: set[str] = set()
@@ -549,6 +550,8 @@ class Server:
             write_drain_deadline(self.run_dir, self.options.drain_timeout_s)
         except OSError as e:
             print(f"adrenaline: cannot announce the drain deadline: {e}", file=sys.stderr, flush=True)
+        finally:
+            self.drain_announced.set()  # a second stop signal's forced deadline goes after this one
 
     def _spawn_tritonserver(self, cmd: list[str], env: dict[str, str], stdout) -> subprocess.Popen:
         """tritonserver with umask 077 and owner-only chmods (its shm regions stay 0600), and the
@@ -803,8 +806,10 @@ def _supervise(server: Server, stop_requested: threading.Event) -> int | None:
     return None
 
 
-#: after a second stop signal, how long the roles get to send their requests' errors before the kill
-STOP_NOW_GRACE_S = 1.5
+#: after a second stop signal, the kill waits until decode says every request's error is out
+#: (`health.drain_acked`), at most STOP_NOW_MAX_WAIT_S, then STOP_NOW_FLUSH_S for the front to pass it on
+STOP_NOW_MAX_WAIT_S = 10.0
+STOP_NOW_FLUSH_S = 0.3
 
 
 def serve_forever(engine: EngineConfig, options: ServerOptions) -> int:
@@ -818,14 +823,22 @@ def serve_forever(engine: EngineConfig, options: ServerOptions) -> int:
     def on_signal(signum, frame):
         if stop_requested.is_set():  # a second signal: stop now
             print(f"\nadrenaline: {signal.Signals(signum).name} again: ending every request with an error, "
-                  f"killing tritonserver in {STOP_NOW_GRACE_S:g}s", file=sys.stderr, flush=True)
-            try:  # decode and the scheduler end what they hold with an explicit error at once
-                write_drain_deadline(server.run_dir, options.drain_timeout_s, forced=True)
-            except OSError:
-                pass
-            killer = threading.Timer(STOP_NOW_GRACE_S, lambda: (server.kill(), server.kill_front()))
-            killer.daemon = True
-            killer.start()
+                  f"then killing tritonserver (within {STOP_NOW_MAX_WAIT_S:g}s)", file=sys.stderr, flush=True)
+
+            def stop_now() -> None:
+                # After the drain's own announcement, or this would be overwritten by it (the first
+                # signal's stop may not have reached it yet).
+                server.drain_announced.wait(STOP_NOW_MAX_WAIT_S / 2)
+                try:  # decode and the scheduler end what they hold with an explicit error at once
+                    write_drain_deadline(server.run_dir, options.drain_timeout_s, forced=True)
+                except OSError:
+                    pass
+                _wait_until(lambda: drain_acked(server.run_dir), STOP_NOW_MAX_WAIT_S)
+                time.sleep(STOP_NOW_FLUSH_S)
+                server.kill()
+                server.kill_front()
+
+            threading.Thread(target=stop_now, name="stop-now", daemon=True).start()
         stop_requested.set()
 
     # Explicit handlers: a launcher started in the background inherits SIGINT ignored.

@@ -51,7 +51,7 @@ from adrenaline_py.kv_cache import POOL_NAMES, KVPool
 from adrenaline_py.loader import build_model, load_checkpoint
 from adrenaline_py.placement import bind_role
 from adrenaline_py.request import GenerationParams
-from adrenaline_py.serving.health import DrainWatch
+from adrenaline_py.serving.health import DrainWatch, write_drain_ack
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -124,6 +124,7 @@ class Role:
         self.model_name = args["model_name"]
         self._ended_lock = threading.Lock()
         self._drain = DrainWatch(e.run_dir)
+        self._drain_acked = False
         self._metrics = DecodeMetrics(self.service, self._pool, self._ended)
         self._samplers = [Sampler(self._update_metrics), Sampler(self._sweep_cancelled, period_s=0.2)]
         # Admission threads wait in preprocessing, for KV room and for prefill.
@@ -136,8 +137,13 @@ class Role:
         self.service.check_cancelled(lambda handle: handle[0].is_cancelled())
         if (cut := self._drain.cut_due()) is not None:
             # tritonserver would close these connections at its exit timeout without a final event.
-            for seq in self.service.scheduler.snapshot():
+            held = self.service.scheduler.snapshot()
+            for seq in held:
                 self.service.scheduler.abort(seq.seq_id, "error", cut.message)
+            if cut.forced and not held and not self._drain_acked and self.service.outputs.queued() == 0:
+                # a second stop signal: the launcher kills tritonserver once every error is out
+                write_drain_ack(self.engine.run_dir)
+                self._drain_acked = True
         now = time.monotonic()
         for key, at in list(self._cancelled_keys.items()):
             if now - at > _CANCELLED_KEY_TTL_S:
@@ -363,7 +369,7 @@ class DecodeMetrics:
                         "COUNTER")
         self.phases = {p: phases.Metric(labels={"phase": p}) for p in StepTimes.PHASES}
         self.output = {
-            "events": family("adrenaline_output_events_total", "token events handed to the output threads",
+            "events": family("adrenaline_output_events_total", "token events the output threads have handled (sent)",
                              "COUNTER").Metric(),
             "responses": family("adrenaline_output_responses_total",
                                 "streamed or final responses sent (fewer than events when senders merged "
@@ -374,7 +380,8 @@ class DecodeMetrics:
                             "summed over responses: seconds from the decode step's event to the sent response",
                             "COUNTER").Metric(),
         }
-        self.queued = family("adrenaline_output_queued_events", "token events waiting for an output thread",
+        self.queued = family("adrenaline_output_queued_events",
+                             "token events handed to the output threads whose responses are not out yet",
                              "GAUGE").Metric()
         self._seen = {"steps": 0, "recovered": 0, "finished": {}, **{f"kv_read_{p}": 0 for p in POOL_NAMES},
                       **{f"phase_{p}": 0.0 for p in StepTimes.PHASES}, **{f"out_{k}": 0 for k in self.output}}
