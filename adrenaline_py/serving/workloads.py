@@ -9,6 +9,11 @@ so that the benchmark's input-token totals match the server's.
   first gpt reply after it is the output length. Conversations whose prompt is longer than
   ``max_input_len`` are dropped (a real prompt is kept whole); output lengths are clipped to
   ``max_output_len``; replies shorter than ``min_output_len`` are dropped.
+- ``sharegpt-lengths``: the same conversations as lengths only (shipped in
+  ``data/sharegpt_lengths.csv``, counted with a real BPE tokenizer by tools/sharegpt_lengths.py),
+  with synthetic prompts of those lengths in the served model's tokens. For dummy-weight models,
+  whose byte tokenizer would count ShareGPT text about 4x longer than a real one; the same filter
+  and clipping as ``sharegpt``.
 - ``long-output``: OpenThoughts-like reasoning traffic, synthetic: input lengths are lognormal
   with median ``LONG_OUTPUT_INPUT_MEDIAN`` (σ ``LONG_OUTPUT_INPUT_SIGMA``) clipped to
   [``LONG_OUTPUT_MIN_INPUT``, ``max_input_len``], output lengths lognormal with median
@@ -31,7 +36,7 @@ from pathlib import Path
 
 from adrenaline_py.tokenizer import Tokenizer
 
-DATASETS = ("sharegpt", "long-output", "mooncake", "fixed")
+DATASETS = ("sharegpt", "sharegpt-lengths", "long-output", "mooncake", "fixed")
 
 # Words that most byte-level BPE vocabularies hold as one token each (with their leading space).
 WORDS = ("the river light stone market engine quiet window garden number story signal bread mountain "
@@ -70,6 +75,42 @@ def sharegpt_path() -> Path:
     if not path.exists():
         raise FileNotFoundError(f"ShareGPT data file missing: {path}")
     return path
+
+
+def default_sharegpt_lengths_path() -> Path:
+    return Path(__file__).parent / "data" / "sharegpt_lengths.csv"
+
+
+def read_sharegpt_lengths(path: Path) -> list[tuple[int, int]]:
+    """(prompt tokens, reply tokens) per conversation, from the CSV tools/sharegpt_lengths.py writes."""
+    out = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if not line or line.startswith("#") or line.startswith("input_len"):
+            continue
+        i, o = line.split(",")
+        out.append((int(i), int(o)))
+    return out
+
+
+def sharegpt_length_requests(lengths: list[tuple[int, int]], maker: PromptMaker, num_requests: int, seed: int,
+                             max_input_len: int, max_output_len: int, min_output_len: int = 2) -> list[BenchRequest]:
+    """As `sharegpt_requests`, from lengths: synthetic prompts of each drawn conversation's prompt length
+    (plus the served model's special tokens)."""
+    order = list(range(len(lengths)))
+    random.Random(seed).shuffle(order)
+    rng = random.Random(seed)
+    out: list[BenchRequest] = []
+    for i in order:
+        if len(out) == num_requests:
+            break
+        content, reply = lengths[i]
+        input_len = max(1, content) + maker.num_special
+        output_len = min(reply, max_output_len)
+        if input_len > max_input_len or output_len < min_output_len:
+            continue
+        prompt, n = maker.make(input_len, rng)
+        out.append(BenchRequest(prompt, n, output_len))
+    return out
 
 
 def read_sharegpt(path: Path) -> list[tuple[str, str]]:
