@@ -220,6 +220,27 @@ def test_output_threads_wait_at_a_closed_gate_and_go_when_it_opens():
         workers.stop()
 
 
+def test_cancellation_polls_also_wait_for_an_open_gate():
+    from adrenaline_py.engine.output import HostGate, OutputWorkers
+
+    gate = HostGate(max_wait_s=5.0)
+    asked, sent = threading.Event(), threading.Event()
+    workers = OutputWorkers(TOK, lambda handle, chunk: sent.set(), lambda seq_id: None, num_threads=1, gate=gate)
+    workers.start()
+    try:
+        seq = make_seq(stream=True)
+        workers.submit(events_for(seq, "ab")[:1])  # the request is under way on its worker
+        assert sent.wait(5)
+        gate.close()                               # the decode loop is on the host
+        workers.check_cancelled(lambda handle: asked.set() or False, lambda seq_id: None)
+        assert not asked.wait(0.2)                 # no IPC to tritonserver meanwhile
+        gate.open()
+        assert asked.wait(5)
+    finally:
+        gate.open()
+        workers.stop()
+
+
 def test_a_gate_left_closed_delays_outputs_only_up_to_its_bound():
     from adrenaline_py.engine.output import HostGate
 

@@ -105,8 +105,9 @@ class HostGate:
     loop for the GIL; every time the loop wants it back it waits behind them, so a step's host
     phases stretched 3-5x with a few hundred streams (docs/performance.md). The loop closes the
     gate for its host work and opens it while it waits for the GPU, which is most of a step; output
-    threads pass the gate before each response. They wait at most ``max_wait_s`` (a loop that stays
-    on the host, e.g. on CPU, never starves them).
+    threads pass the gate before each response and before each client they ask whether it left
+    (an IPC to tritonserver). They wait at most ``max_wait_s`` (a loop that stays on the host, e.g.
+    on CPU, never starves them).
     """
 
     def __init__(self, max_wait_s: float = 0.05) -> None:
@@ -239,7 +240,9 @@ class OutputWorkers:
             stats.events += len(events)  # handled: their responses are out
 
     def _check_cancelled(self, states: dict[int, RequestOutput], check: _CancelCheck) -> None:
-        for seq_id, state in states.items():
+        for seq_id, state in list(states.items()):
+            if self._gate is not None:
+                self._gate.wait()
             try:
                 if not state.done and check.is_cancelled(state.handle):
                     check.on_cancel(seq_id)
