@@ -96,7 +96,7 @@ def test_summary_slo_attainment_and_goodput_on_hand_made_records():
 
 
 def test_stream_state_counts_tokens_from_responses_not_text():
-    rec = bs.RequestRecord(0, 5, 4)
+    rec = bs.RequestRecord(0, 5, 4, send_s=3.0)
     st = bs._StreamState(rec, t_send=10.0)
     assert not st.on_event({"text_output": "a", "num_output_tokens": 1, "finish_reason": ""}, 10.2)
     assert not st.on_event({"text_output": "", "num_output_tokens": 0, "finish_reason": ""}, 10.25)
@@ -107,6 +107,8 @@ def test_stream_state_counts_tokens_from_responses_not_text():
     assert rec.ttft_s == pytest.approx(0.2) and rec.e2e_s == pytest.approx(0.5)
     assert rec.itl_s == pytest.approx([0.1, 0.2])
     assert rec.is_ok and rec.tpot_s == pytest.approx(0.1)
+    # when each response's tokens came, from the start of the run (sent 3 s in, at t_send 10.0)
+    assert [(round(t, 6), n) for t, n in rec.token_arrivals] == [(3.2, 1), (3.3, 2), (3.5, 1)]
 
     err = bs.RequestRecord(1, 5, 4)
     assert bs._StreamState(err, 0.0).on_event({"error": "max_tokens must be <= 512"}, 0.1)
@@ -485,6 +487,24 @@ def test_rejected_requests_are_counted_as_failures(server, tmp_path, backend):
     assert (s["completed"], s["failed"]) == (0, 2)
     assert s["slo"]["attainment"] == 0.0
     assert all("max_tokens must be <= 256" in r["error"] for r in results[0]["requests"])
+
+
+def test_steady_throughput_counts_the_tokens_that_arrived_in_the_window():
+    def rec(i, send, arrivals):
+        r = bs.RequestRecord(i, 8, 4, send_s=send, ttft_s=arrivals[0][0] - send, e2e_s=arrivals[-1][0] - send,
+                          num_output_tokens=sum(n for _, n in arrivals), finish_reason="length")
+        r.token_arrivals = arrivals
+        return r
+
+    records = [rec(0, 0.0, [(1.0, 1), (2.0, 3)]), rec(1, 4.0, [(5.0, 1), (9.0, 2), (30.0, 4)])]
+    s = bs.summarize(records, 30.0, steady_window=(2.0, 10.0))
+    assert s["steady_window_s"] == [2.0, 10.0]
+    assert s["steady_output_throughput"] == pytest.approx((3 + 1 + 2) / 8.0)  # the drain at 30 s is outside
+    assert s["output_throughput"] == pytest.approx(11 / 30.0)
+    assert "steady_output_throughput" not in bs.summarize(records, 30.0)
+    assert bs.steady_window(records, 2.0, None) == (1.0, 4.0)       # a quarter of the sending time to its end
+    assert bs.steady_window(records, math.inf, None) is None          # all at once: no steady load
+    assert bs.steady_window(records, math.inf, 16) == (1.0, 4.0)      # a closed loop keeps sending
 
 
 def test_kv_read_bandwidth_is_tokens_times_bytes_per_token_over_the_span():

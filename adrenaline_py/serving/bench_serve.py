@@ -130,6 +130,8 @@ class RequestRecord:
     num_input_tokens: int | None = None     # as the server reported it
     finish_reason: str | None = None
     error: str | None = None
+    # (seconds from the start of the run, tokens) of each response that carried tokens; not saved
+    token_arrivals: list[tuple[float, int]] = field(default_factory=list, repr=False)
 
     @property
     def is_ok(self) -> bool:
@@ -178,8 +180,12 @@ def attains_slo(record: RequestRecord, ttft_slo_ms: float | None, tpot_slo_ms: f
 
 
 def summarize(records: list[RequestRecord], duration_s: float, ttft_slo_ms: float | None = None,
-              tpot_slo_ms: float | None = None) -> dict[str, Any]:
-    """The run's figures. Throughputs count completed requests only; attainment is over all requests sent."""
+              tpot_slo_ms: float | None = None, steady_window: tuple[float, float] | None = None) -> dict[str, Any]:
+    """The run's figures. Throughputs count completed requests only; attainment is over all requests sent.
+
+    ``steady_window`` (seconds from the start): ``steady_output_throughput`` counts the output tokens
+    that arrived within it, of every request, per second: the rate while load is steady, without
+    the ramp-up and the drain at the end that the whole-run throughput includes."""
     done = [r for r in records if r.is_ok]
     num_out = sum(r.num_output_tokens for r in done)
     num_in = sum(r.num_input_tokens if r.num_input_tokens is not None else r.input_len for r in done)
@@ -209,7 +215,25 @@ def summarize(records: list[RequestRecord], duration_s: float, ttft_slo_ms: floa
             "goodput": per_s(attained),
         },
         "errors": dict(errors.most_common(10)),
+        **_steady(records, steady_window),
     }
+
+
+def _steady(records: list[RequestRecord], window: tuple[float, float] | None) -> dict[str, Any]:
+    if window is None or window[1] <= window[0]:
+        return {}
+    a, b = window
+    tokens = sum(n for r in records for t, n in r.token_arrivals if a <= t <= b)
+    return {"steady_window_s": [a, b], "steady_output_throughput": tokens / (b - a)}
+
+
+def steady_window(records: list[RequestRecord], rate: float, concurrency: int | None) -> tuple[float, float] | None:
+    """From a quarter of the sending time to its end, for runs that keep sending (closed loops and
+    finite rates): the load is steady there. None when everything was sent at once."""
+    if math.isinf(rate) and not concurrency:
+        return None
+    last_send = max((r.send_s for r in records), default=0.0)
+    return (last_send / 4, last_send) if last_send > 1.0 else None
 
 
 # --- arrivals ------------------------------------------------------------------------------------
@@ -270,6 +294,7 @@ class _StreamState:
                 r.itl_s.append(now - self.t_last)
             self.t_last = now
             r.num_output_tokens += n
+            r.token_arrivals.append((r.send_s + now - self.t_send, n))
         if event.get("num_input_tokens") is not None:
             r.num_input_tokens = int(event["num_input_tokens"])
         if event.get("finish_reason"):
@@ -679,9 +704,11 @@ async def run_rate(cfg: BenchConfig, requests: list[BenchRequest], rate: float) 
         "trace_replay": cfg.trace_replay,
         "concurrency": cfg.concurrency,
         "config": {**asdict(cfg), "request_rates": list(cfg.request_rates)},
-        "summary": summarize(records, duration, cfg.ttft_slo_ms, cfg.tpot_slo_ms),
+        "summary": summarize(records, duration, cfg.ttft_slo_ms, cfg.tpot_slo_ms,
+                             steady_window(records, rate, cfg.concurrency)),
         "server_metrics": server,
-        "requests": [asdict(r) | {"tpot_s": r.tpot_s} for r in records],
+        "requests": [{k: v for k, v in asdict(r).items() if k != "token_arrivals"} | {"tpot_s": r.tpot_s}
+                     for r in records],
     }
 
 
@@ -811,6 +838,8 @@ def format_summary(result: dict[str, Any]) -> str:
         ("duration (s)", _f(s["duration_s"])),
         ("request throughput (req/s)", _f(s["request_throughput"], 3)),
         ("output throughput (tok/s)", _f(s["output_throughput"])),
+        *([(f"  steady, {s['steady_window_s'][0]:.0f}-{s['steady_window_s'][1]:.0f} s (tok/s)",
+            _f(s["steady_output_throughput"]))] if "steady_output_throughput" in s else []),
         ("input throughput (tok/s)", _f(s["input_throughput"])),
         ("total input / output tokens", f"{s['total_input_tokens']} / {s['total_output_tokens']}"),
     ]
