@@ -29,7 +29,9 @@ log = logging.getLogger("adrenaline.front")
 DEFAULT_MAX_MESSAGE_BYTES = 4 << 20  # gRPC's own default; a prompt is far smaller
 
 # Streaming methods by their full name; every other method is unary (one message each way).
-_STREAM_STREAM = frozenset({"/inference.GRPCInferenceService/ModelStreamInfer"})
+_STREAM_STREAM = frozenset({"/inference.GRPCInferenceService/ModelStreamInfer",
+                            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+                            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"})
 _UNARY_STREAM = frozenset({"/grpc.health.v1.Health/Watch"})
 # Metadata that describes the client's connection or call, not the request: gRPC sets it anew.
 _NOT_FORWARDED = frozenset({"user-agent", "content-type", "te", "grpc-accept-encoding", "grpc-encoding",
