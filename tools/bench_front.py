@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import http.client
 import json
 import statistics
@@ -167,27 +168,22 @@ def fake_triton(port_box: list, ready: threading.Event, stop: threading.Event) -
     asyncio.run(main())
 
 
-def synthetic(n: int, rounds: int) -> dict[str, dict]:
-    """The front as a subprocess (as the launcher runs it) before a fake tritonserver in this process's
-    thread; the client is this thread."""
+@contextlib.contextmanager
+def running_front(**config):
+    """The front as a subprocess, as the launcher runs it, with ``FrontConfig(**config)``; yields its
+    HTTP port once it listens."""
     import subprocess
 
     from adrenaline_py.serving.front import FrontConfig
     from adrenaline_py.serving.launcher import _free_port
 
-    port_box: list = []
-    ready, stop = threading.Event(), threading.Event()
-    threading.Thread(target=fake_triton, args=(port_box, ready, stop), daemon=True).start()
-    ready.wait(30)
-    upstream = f"http://127.0.0.1:{port_box[0]}"
     port = _free_port()
     with tempfile.TemporaryDirectory() as d:
         cfg = Path(d) / "front.json"
-        FrontConfig(upstream=upstream, port=port, model="dummy:tiny", served_model_name="bench").save(cfg)
+        FrontConfig(port=port, model="dummy:tiny", served_model_name="bench", **config).save(cfg)
         proc = subprocess.Popen([sys.executable, "-m", "adrenaline_py.serving.front", "--config", str(cfg)],
                                 cwd=PROJECT_ROOT, stderr=subprocess.DEVNULL)
         try:
-            front = f"http://127.0.0.1:{port}"
             deadline = time.monotonic() + 30
             while True:
                 try:
@@ -197,11 +193,25 @@ def synthetic(n: int, rounds: int) -> dict[str, dict]:
                     if time.monotonic() > deadline:
                         raise
                     time.sleep(0.1)
-            return measure_latency(upstream, front, "bench", n, rounds)
+            yield port
         finally:
             proc.terminate()
             proc.wait(30)
-            stop.set()
+
+
+def synthetic(n: int, rounds: int) -> dict[str, dict]:
+    """The front as a subprocess (as the launcher runs it) before a fake tritonserver in this process's
+    thread; the client is this thread."""
+    port_box: list = []
+    ready, stop = threading.Event(), threading.Event()
+    threading.Thread(target=fake_triton, args=(port_box, ready, stop), daemon=True).start()
+    ready.wait(30)
+    upstream = f"http://127.0.0.1:{port_box[0]}"
+    try:
+        with running_front(upstream=upstream) as port:
+            return measure_latency(upstream, f"http://127.0.0.1:{port}", "bench", n, rounds)
+    finally:
+        stop.set()
 
 
 # --- the gRPC half: ModelStreamInfer through the front's byte proxy (adrenaline_py/serving/grpc_front.py) ---
@@ -282,32 +292,16 @@ def grpc_throughput(port: int, n: int, streams: int) -> float:
 
 def grpc_synthetic(n: int, rounds: int, streams: int = 0) -> dict[str, dict]:
     """The front (gRPC half) as a subprocess, as the launcher runs it, before a fake gRPC tritonserver."""
-    import subprocess
-
-    from adrenaline_py.serving.front import FrontConfig
     from adrenaline_py.serving.launcher import _free_port
 
     port_box: list = []
     ready, stop = threading.Event(), threading.Event()
     threading.Thread(target=fake_grpc_triton, args=(n, port_box, ready, stop), daemon=True).start()
     ready.wait(30)
-    http_port, grpc_port = _free_port(), _free_port()
-    with tempfile.TemporaryDirectory() as d:
-        cfg = Path(d) / "front.json"
-        FrontConfig(upstream="http://127.0.0.1:9", port=http_port, model="dummy:tiny", served_model_name="bench",
-                    grpc_port=grpc_port, grpc_upstream=f"127.0.0.1:{port_box[0]}").save(cfg)
-        proc = subprocess.Popen([sys.executable, "-m", "adrenaline_py.serving.front", "--config", str(cfg)],
-                                cwd=PROJECT_ROOT, stderr=subprocess.DEVNULL)
-        try:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    http.client.HTTPConnection("127.0.0.1", http_port, timeout=1).connect()
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.1)
+    grpc_port = _free_port()
+    try:
+        with running_front(upstream="http://127.0.0.1:9", grpc_port=grpc_port,
+                           grpc_upstream=f"127.0.0.1:{port_box[0]}"):
             ports = {"direct": port_box[0], "front gRPC": grpc_port}
             lat: dict[str, list[float]] = {k: [] for k in ports}
             firsts: dict[str, list[float]] = {k: [] for k in ports}
@@ -327,10 +321,8 @@ def grpc_synthetic(n: int, rounds: int, streams: int = 0) -> dict[str, dict]:
                     rates = [grpc_throughput(port, 10 * n, streams) for _ in range(3)]
                     res[k]["messages_per_s"] = statistics.median(rates)
             return res
-        finally:
-            proc.terminate()
-            proc.wait(30)
-            stop.set()
+    finally:
+        stop.set()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -74,13 +74,8 @@ class GrpcProxy(grpc.GenericRpcHandler):
                             context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         call = self.channel.unary_stream(method)(request, metadata=_metadata(context),
                                                  timeout=context.time_remaining())
-        try:
-            async for response in call:
-                yield response
-        except grpc.aio.AioRpcError as e:
-            await _abort_with(context, e)
-        finally:
-            call.cancel()
+        async for response in _relay(call, context):
+            yield response
 
     async def _stream(self, method: str, requests: AsyncIterator[bytes],
                       context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
@@ -98,16 +93,24 @@ class GrpcProxy(grpc.GenericRpcHandler):
 
         pump = asyncio.create_task(forward_requests())
         try:
-            async for response in call:
+            async for response in _relay(call, context):
                 yield response
-        except grpc.aio.AioRpcError as e:
-            await _abort_with(context, e)
         finally:
-            call.cancel()  # the client cancelled or left: tritonserver's stream ends too
             pump.cancel()
 
     async def close(self) -> None:
         await self.channel.close()
+
+
+async def _relay(call, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+    """The upstream call's responses, then its status; the call ends with the client's (cancel, exit)."""
+    try:
+        async for response in call:
+            yield response
+    except grpc.aio.AioRpcError as e:
+        await _abort_with(context, e)
+    finally:
+        call.cancel()  # the client cancelled or left: tritonserver's call ends too
 
 
 async def _abort_with(context: grpc.aio.ServicerContext, error: grpc.aio.AioRpcError) -> None:
