@@ -26,6 +26,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--offload-bound", type=float, default=d.offload_bound,
                    help="auto: offloaded load / local load the executor can hide (OB); default: from the GPU's "
                         "profile (min(OB_mem, OB_comp)), else the executor / decode KV capacity ratio")
+    g.add_argument("--two-batch-overlap", choices=["auto", "on", "off"], default=d.two_batch_overlap,
+                   help="steps with every row offloaded run as two interleaved batches, so decode's dense work "
+                        "overlaps the executor's attention; auto: when the step's KV reads outweigh the weights")
     g.add_argument("--prefill-sm-share", type=int, default=d.prefill_sm_share,
                    help="MPS %% of SMs for prefill; default: the smallest profiled share meeting --ttft-slo, else 70")
     g.add_argument("--executor-sm-share", type=int, default=d.executor_sm_share,
@@ -67,7 +70,8 @@ def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         model=a.model, device=a.device, prefill_gpu=a.prefill_gpu, decode_gpu=a.decode_gpu,
         dtype=a.dtype or ("float32" if a.device == "cpu" else "bfloat16"),
-        offload=a.offload, offload_bound=a.offload_bound, prefill_sm_share=a.prefill_sm_share,
+        offload=a.offload, offload_bound=a.offload_bound, two_batch_overlap=a.two_batch_overlap,
+        prefill_sm_share=a.prefill_sm_share,
         executor_sm_share=a.executor_sm_share, ttft_slo_ms=a.ttft_slo, tpot_slo_ms=a.tpot_slo,
         gpu_memory_utilization=a.gpu_memory_utilization, max_model_len=a.max_model_len,
         max_tokens_limit=a.max_tokens_limit, default_max_tokens=a.default_max_tokens,

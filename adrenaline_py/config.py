@@ -132,6 +132,7 @@ NAMED_SHAPES: dict[str, ModelConfig] = {
 
 
 OFFLOAD_MODES = ("never", "always", "auto")
+TWO_BATCH_MODES = ("auto", "on", "off")
 CPU_POOL_BLOCKS = 1024          # blocks of each KV pool on cpu when not given
 # MPS shares without a profile or without --ttft-slo. Measured on an H200 (docs/performance.md,
 # `adrenaline profile`): the executor's attention gets 0.81-0.89 of the copy bandwidth at 60 % and
@@ -174,6 +175,10 @@ class EngineConfig:
     # Offload policy inputs (``auto``): see adrenaline_py/policy.py. None: resolved by the launcher
     # from the GPU's profile and the SLOs (adrenaline_py/profile.py: resolve_engine).
     offload_bound: float | None = None  # OB: offloaded load / local load the executor can hide
+    # A step whose rows are all offloaded runs as two batches whose layers interleave (decode's dense
+    # work of one beside the executor's attention of the other): auto = when its KV reads outweigh
+    # the weights (adrenaline_py/engine/decode.py, DecodeRunner.cuts_in_two)
+    two_batch_overlap: str = "auto"
     prefill_sm_share: int | None = None  # MPS percentages on the prefill GPU
     executor_sm_share: int | None = None
     ttft_slo_ms: float | None = None     # time-to-first-token SLO: picks the prefill SM share
@@ -195,6 +200,9 @@ class EngineConfig:
             ratio = float(self.offload.split(":", 1)[1])
             if not 0.0 <= ratio <= 1.0:
                 raise ValueError(f"offload ratio must be in [0, 1], got {ratio}")
+        if self.two_batch_overlap not in TWO_BATCH_MODES:
+            raise ValueError(f"two_batch_overlap must be one of {'|'.join(TWO_BATCH_MODES)}, "
+                             f"got {self.two_batch_overlap!r}")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
         if self.max_tokens_limit >= self.max_model_len:

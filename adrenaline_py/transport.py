@@ -12,6 +12,11 @@ Protocol of one decode step with N offloaded rows (N padded to the step's bucket
    runs attention, writes the output into the exchange buffer and signals back; decode waits for
    that signal only when it needs the rows (after its local attention).
 
+   With every row offloaded, decode may cut the step into two batches (``split``: rows [0, split)
+   and [split, N)) whose layers interleave (two-batch overlap): each batch has its own flags per
+   layer (`ExchangeBuffers.slot`) and its own rows of the exchange buffers, so the executor runs
+   one batch's attention while decode runs the other's dense work.
+
 Two implementations of that data plane share the interface (`OffloadTransport` on decode's side,
 `ExecutorEndpoint` on the executor's side) and the control socket:
 
@@ -71,6 +76,7 @@ class OffloadStep:
     left: list[int] = field(default_factory=list)              # seq ids that finished
     seq_ids: list[int] = field(default_factory=list)           # the N rows, in batch order
     seq_lens: list[int] = field(default_factory=list)          # [N] context incl. the new token
+    split: int = 0  # two batches: rows [0, split) and [split, N) (padded to the bucket); 0: one batch
 
 
 class ExecutorGone(RuntimeError):
@@ -121,8 +127,8 @@ class ExchangeBuffers:
     def shapes(model: ModelConfig, engine: EngineConfig) -> dict[str, tuple[int, ...]]:
         hq, hkv, d = model.num_attention_heads, model.num_key_value_heads, model.head_dim
         rows = engine.max_decode_batch
-        # separate 128-byte lines for the header, the counters, q flags and o flags
-        ctrl = ExchangeBuffers.HEADER + ExchangeBuffers.STATS + 2 * _round_up(model.num_hidden_layers, 32)
+        # separate 128-byte lines for the header, the counters, q flags and o flags (two per layer)
+        ctrl = ExchangeBuffers.HEADER + ExchangeBuffers.STATS + 2 * _round_up(2 * model.num_hidden_layers, 32)
         return {"offload.qkv": (rows, (hq + 2 * hkv) * d), "offload.out": (rows, hq, d), "offload.ctrl": (ctrl,)}
 
     @classmethod
@@ -151,6 +157,11 @@ class ExchangeBuffers:
         return cls(t["offload.qkv"], t["offload.out"], t.get("offload.ctrl"), model.num_attention_heads,
                    model.num_key_value_heads, model.head_dim)
 
+    @staticmethod
+    def slot(layer: int, part: int = 0) -> int:
+        """The flag (and socket frame) index of a layer's exchange for batch ``part`` (0, or 1 in two-batch steps)."""
+        return 2 * layer + part
+
     @property
     def q_flags(self) -> int:
         return self.HEADER + self.STATS
@@ -168,16 +179,17 @@ class ExchangeBuffers:
         ns = self.ctrl[self.HEADER: self.HEADER + 6].view(torch.int64).tolist()
         return ns[0] / 1e9, ns[1] / 1e9, ns[2] / 1e9
 
-    def split(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q [n, Hq, D], k and v [n, Hkv, D]: views of the first n rows."""
+    def split(self, n: int, row0: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [n, Hq, D], k and v [n, Hkv, D]: views of rows [row0, row0 + n)."""
         qd, kd = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        rows = self.qkv[:n]
+        rows = self.qkv[row0:row0 + n]
         return (rows[:, :qd].view(n, self.num_heads, self.head_dim),
                 rows[:, qd:qd + kd].view(n, self.num_kv_heads, self.head_dim),
                 rows[:, qd + kd:].view(n, self.num_kv_heads, self.head_dim))
 
-    def store_rows(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write the rows' q/k/v: one copy when they are adjacent views of one qkv row (the model's case)."""
+    def store_rows(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row0: int = 0) -> None:
+        """Write the rows' q/k/v from row ``row0`` on: one copy when they are adjacent views of one qkv
+        row (the model's case)."""
         n = q.shape[0]
         width = self.qkv.shape[1]
         elem = q.element_size()
@@ -185,9 +197,9 @@ class ExchangeBuffers:
         if (q.stride(0) == width and k.stride(0) == width and v.stride(0) == width
                 and k.data_ptr() == q.data_ptr() + qd * elem and v.data_ptr() == k.data_ptr() + kd * elem
                 and q.stride(2) == 1 and q.stride(1) == q.shape[2] and q.dtype == self.qkv.dtype):
-            self.qkv[:n].copy_(torch.as_strided(q, (n, width), (width, 1)))
+            self.qkv[row0:row0 + n].copy_(torch.as_strided(q, (n, width), (width, 1)))
             return
-        dq, dk, dv = self.split(n)
+        dq, dk, dv = self.split(n, row0)
         dq.copy_(q)
         dk.copy_(k)
         dv.copy_(v)
@@ -356,8 +368,10 @@ class OffloadTransport(ABC):
         """For good (server stop)."""
         self.close()
 
-    def begin_step(self, seq_ids: list[int], block_tables: dict[int, list[int]], seq_lens: list[int]) -> None:
-        """Send this step's schedule: rows in order; new sequences carry their block table."""
+    def begin_step(self, seq_ids: list[int], block_tables: dict[int, list[int]], seq_lens: list[int],
+                   split: int = 0) -> None:
+        """Send this step's schedule: rows in order; new sequences carry their block table; ``split``:
+        the step runs as two batches, rows [0, split) and the rest (0: one batch)."""
         try:
             self.connect()
             current = set(seq_ids)
@@ -367,6 +381,7 @@ class OffloadTransport(ABC):
                 left=sorted(self._known - current),
                 seq_ids=seq_ids,
                 seq_lens=seq_lens,
+                split=split,
             )
             self.channel.send_step(step)
         except (OSError, ConnectionError) as e:
@@ -381,12 +396,14 @@ class OffloadTransport(ABC):
 
     # data -------------------------------------------------------------------------------------------
     @abstractmethod
-    def send(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Ship the offloaded rows' post-RoPE q [n, Hq, D], k and v [n, Hkv, D] of ``layer``."""
+    def send(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, part: int = 0,
+             row0: int = 0) -> None:
+        """Ship the offloaded rows' post-RoPE q [n, Hq, D], k and v [n, Hkv, D] of ``layer`` (of batch
+        ``part``, into exchange rows from ``row0``, in a two-batch step)."""
 
     @abstractmethod
-    def recv(self, layer: int, out: torch.Tensor) -> None:
-        """Fill ``out`` [n, Hq, D] with the executor's attention output of ``layer``."""
+    def recv(self, layer: int, out: torch.Tensor, part: int = 0, row0: int = 0) -> None:
+        """Fill ``out`` [n, Hq, D] with the executor's attention output of ``layer`` (batch ``part``)."""
 
     def wait_seconds(self) -> tuple[float, float, float] | None:
         """GPU seconds spent in the exchange's flag waits, summed since this transport was made
@@ -406,19 +423,20 @@ class OffloadTransport(ABC):
 class HostTransport(OffloadTransport):
     """CPU: exchange buffers in host shared memory, a LAYER/OUT byte per layer on the socket."""
 
-    def send(self, layer, q, k, v) -> None:
+    def send(self, layer, q, k, v, part=0, row0=0) -> None:
         if self._dry:
             return
-        self.buffers.store_rows(q, k, v)
+        self.buffers.store_rows(q, k, v, row0)
         try:
-            self.channel.send_layer(layer)
+            self.channel.send_layer(ExchangeBuffers.slot(layer, part))
         except (OSError, AttributeError) as e:
             self.close()
             raise ExecutorGone(f"attention executor failed: {e}") from e
 
-    def recv(self, layer, out) -> None:
+    def recv(self, layer, out, part=0, row0=0) -> None:
         if self._dry:
             return
+        slot = ExchangeBuffers.slot(layer, part)
         try:
             kind, value = self.channel.read_frame()
         except (OSError, ConnectionError, AttributeError) as e:
@@ -427,10 +445,10 @@ class HostTransport(OffloadTransport):
         if kind == _ERROR:
             self.close()
             raise ExecutorGone(f"attention executor error: {value}")
-        if kind != _OUT or value != layer:
+        if kind != _OUT or value != slot:
             self.close()
-            raise ExecutorGone(f"offload protocol out of step: got {kind!r}{value}, expected OUT{layer}")
-        out.copy_(self.buffers.out[: out.shape[0]])
+            raise ExecutorGone(f"offload protocol out of step: got {kind!r}{value}, expected OUT{slot}")
+        out.copy_(self.buffers.out[row0:row0 + out.shape[0]])
 
 
 class DeviceTransport(OffloadTransport):
@@ -462,17 +480,17 @@ class DeviceTransport(OffloadTransport):
         self.buffers.ctrl[0] = self.epoch  # ordered before any later kernel on this stream
         torch.cuda.current_stream(self.device).synchronize()
 
-    def send(self, layer, q, k, v) -> None:
+    def send(self, layer, q, k, v, part=0, row0=0) -> None:
         if self._dry:
             return
-        self.buffers.store_rows(q, k, v)
-        signal_flag(self.buffers.ctrl, self.buffers.q_flags + layer)
+        self.buffers.store_rows(q, k, v, row0)
+        signal_flag(self.buffers.ctrl, self.buffers.q_flags + ExchangeBuffers.slot(layer, part))
 
-    def recv(self, layer, out) -> None:
+    def recv(self, layer, out, part=0, row0=0) -> None:
         b = self.buffers
         if not self._dry:
-            wait_flag(b.ctrl, b.o_flags + layer, b.waits(b.WAIT_DECODE))
-        out.copy_(b.out[: out.shape[0]])
+            wait_flag(b.ctrl, b.o_flags + b.slot(layer, part), b.waits(b.WAIT_DECODE))
+        out.copy_(b.out[row0:row0 + out.shape[0]])
 
     def wait_seconds(self) -> tuple[float, float, float] | None:
         return self.buffers.wait_seconds()
@@ -546,7 +564,7 @@ class DeviceTransport(OffloadTransport):
         """Let every wait of the step pass (its offloaded rows are garbage and get recomputed)."""
         b = self.buffers
         with torch.cuda.stream(self._release_stream):
-            b.ctrl[b.o_flags: b.o_flags + self.model.num_hidden_layers].fill_(self.epoch)
+            b.ctrl[b.o_flags: b.o_flags + 2 * self.model.num_hidden_layers].fill_(self.epoch)
         self._release_stream.synchronize()
 
     def shutdown(self) -> None:
@@ -579,6 +597,15 @@ def make_transport(model: ModelConfig, engine: EngineConfig, dtype: torch.dtype,
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
+@dataclass(frozen=True)
+class Batch:
+    """One batch of a step on the executor's side: exchange rows [row0, row0 + rows), their attention."""
+
+    row0: int
+    rows: int
+    attend: Attend
+
+
 class ExecutorEndpoint(ABC):
     """The executor's end of one decode connection: decode's exchange buffers, attached on HELLO."""
 
@@ -588,12 +615,12 @@ class ExecutorEndpoint(ABC):
         self.buffers = ExchangeBuffers.attach(model, engine, dtype, device)
 
     @abstractmethod
-    def run_step(self, num_rows: int, attend: Attend, replay: Callable[[], bool] | None = None) -> None:
-        """Serve one step's layers; ``replay`` (device only) runs a captured step instead, if it can."""
+    def run_step(self, batches: list[Batch]) -> None:
+        """Serve one step's layers for its batches (one, or two in a two-batch step)."""
 
-    def layer_views(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        q, k, v = self.buffers.split(n)
-        return q, k, v, self.buffers.out[:n]
+    def layer_views(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = self.buffers.split(batch.rows, batch.row0)
+        return q, k, v, self.buffers.out[batch.row0:batch.row0 + batch.rows]
 
     def abort(self) -> None:
         """The connection ended: make sure no device work of this connection is left waiting."""
@@ -601,14 +628,17 @@ class ExecutorEndpoint(ABC):
 
 
 class HostEndpoint(ExecutorEndpoint):
-    def run_step(self, num_rows, attend, replay=None) -> None:
-        q, k, v, out = self.layer_views(num_rows)
-        for _ in range(self.model.num_hidden_layers):
-            kind, layer = self.channel.read_frame()
+    def run_step(self, batches) -> None:
+        views = [self.layer_views(b) for b in batches]
+        for _ in range(self.model.num_hidden_layers * len(batches)):
+            kind, slot = self.channel.read_frame()
             if kind != _LAYER:
                 raise ConnectionError(f"expected a LAYER frame, got {kind!r}")
-            attend(layer, q, k, v, out)
-            self.channel.send_out(layer)
+            layer, part = divmod(slot, 2)
+            if part >= len(batches):
+                raise ConnectionError(f"LAYER frame {slot} names batch {part} of a {len(batches)}-batch step")
+            batches[part].attend(layer, *views[part])
+            self.channel.send_out(slot)
 
 
 class DeviceEndpoint(ExecutorEndpoint):
@@ -620,27 +650,28 @@ class DeviceEndpoint(ExecutorEndpoint):
         warm_up_flag_kernels(self.device)  # compiled before any capture of a step
         self._release_stream = torch.cuda.Stream(self.device)
 
-    def run_step(self, num_rows, attend, replay=None) -> None:
-        if replay is not None and replay():
-            return
-        self.enqueue_layers(num_rows, attend)
+    def run_step(self, batches) -> None:
+        self.enqueue_layers(batches)
 
-    def enqueue_layers(self, num_rows: int, attend: Attend, dry: bool = False) -> None:
-        """The step's device work (also what a captured step records); ``dry``: no waits or signals."""
+    def enqueue_layers(self, batches: list[Batch], dry: bool = False) -> None:
+        """The step's device work (also what a captured step records); ``dry``: no waits or signals.
+        Layer by layer, batch by batch: the order decode sends them in."""
         b = self.buffers
-        q, k, v, out = self.layer_views(num_rows)
+        views = [self.layer_views(batch) for batch in batches]
         for layer in range(self.model.num_hidden_layers):
-            if not dry:
-                wait_flag(b.ctrl, b.q_flags + layer, b.waits(b.WAIT_EXECUTOR if layer else b.WAIT_EXECUTOR_FIRST))
-            attend(layer, q, k, v, out)
-            if not dry:
-                signal_flag(b.ctrl, b.o_flags + layer)
+            for part, batch in enumerate(batches):
+                slot = b.slot(layer, part)
+                if not dry:
+                    wait_flag(b.ctrl, b.q_flags + slot, b.waits(b.WAIT_EXECUTOR if slot else b.WAIT_EXECUTOR_FIRST))
+                batch.attend(layer, *views[part])
+                if not dry:
+                    signal_flag(b.ctrl, b.o_flags + slot)
 
     def abort(self) -> None:
         # decode is gone mid-step (or never sent the rest): let this connection's waits pass
         b = self.buffers
         with torch.cuda.stream(self._release_stream):
-            b.ctrl[b.q_flags: b.q_flags + self.model.num_hidden_layers].fill_(self.epoch)
+            b.ctrl[b.q_flags: b.q_flags + 2 * self.model.num_hidden_layers].fill_(self.epoch)
         self._release_stream.synchronize()
         torch.cuda.current_stream(self.device).synchronize()  # this connection's layers have run
 

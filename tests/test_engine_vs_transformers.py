@@ -15,7 +15,7 @@ def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize("offload", ["never", "always", "ratio:0.5"])
+@pytest.mark.parametrize("offload", ["never", "always", "ratio:0.5", "always, two batches"])
 def test_tiny_gqa_greedy_matches_transformers(tiny_hf, offload):
     hf, ckpt = tiny_hf
     gen = torch.Generator().manual_seed(1)
@@ -23,9 +23,13 @@ def test_tiny_gqa_greedy_matches_transformers(tiny_hf, offload):
     prompts = [torch.randint(3, ckpt.config.vocab_size, (n,), generator=gen).tolist() for n in lengths]
     n_new = 24
     expected = [hf_greedy(hf, p, n_new) for p in prompts]
-    with LocalEngine(ckpt, small_engine_config(offload=offload)) as engine:
+    two_batch = "on" if offload.endswith("two batches") else "off"
+    offload = offload.split(",")[0]
+    with LocalEngine(ckpt, small_engine_config(offload=offload, two_batch_overlap=two_batch)) as engine:
         got = engine.generate(prompts, [greedy(n_new) for _ in prompts])
+        two_batch_steps = engine.decode.runner.two_batch_steps
     assert [c.output_ids for c in got] == expected
+    assert (two_batch_steps > 0) == (two_batch == "on")  # the interleaved schedule really ran
     assert all(c.finish_reason == "length" for c in got)
     if offload == "always":
         assert all(c.offloaded for c in got)

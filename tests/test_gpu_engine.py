@@ -161,7 +161,7 @@ def test_cuda_graph_decode_logits_match_transformers(dtype, tmp_path):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("offload", ["never", "always", "ratio:0.5"])
+@pytest.mark.parametrize("offload", ["never", "always", "ratio:0.5", "always, two batches"])
 def test_local_engine_on_gpu_offloaded_and_local_agree(offload, layout, tmp_path):
     """The whole engine on the GPUs (pools and exchange buffers in CUDA IPC memory, graphs on, the
     device transport): float32, greedy, against transformers on the same weights."""
@@ -175,12 +175,17 @@ def test_local_engine_on_gpu_offloaded_and_local_agree(offload, layout, tmp_path
     torch.backends.cuda.matmul.allow_tf32 = False
     expected = [hf.generate(torch.tensor([p], device=DEVICE), max_new_tokens=n_new, min_new_tokens=n_new,
                             do_sample=False, pad_token_id=0, eos_token_id=None)[0, len(p):].tolist() for p in prompts]
+    two_batch = "on" if offload.endswith("two batches") else "off"
+    offload = offload.split(",")[0]
     cfg = small_engine_config(device="cuda", offload=offload, run_dir=str(tmp_path), prefill_gpu=layout[0],
-                              decode_gpu=layout[1])
+                              decode_gpu=layout[1], two_batch_overlap=two_batch)
     with LocalEngine(ckpt, cfg, dtype=torch.float32) as engine:
         got = engine.generate(prompts, [greedy(n_new) for _ in prompts])
         graphs = engine.decode.runner.graphs
         assert graphs is not None and graphs.num_graphs == len(graphs.keys)  # 2-D keys, all captured
+        assert (engine.decode.runner.two_batch_steps > 0) == (two_batch == "on")
+        if two_batch == "on":  # its graphs replayed: the executor captured two-batch steps too
+            assert any(key[1] for key in engine.executor.graphs._graphs.graphs)
         if offload != "never":
             assert engine.executor.num_steps > 0
             waits = engine.decode.runner.transport.wait_seconds()  # GPU seconds in the exchange's waits
@@ -393,19 +398,25 @@ def test_smollm2_bf16_offload_always_matches_never(tmp_path):
                for t in topics]
     layout = (0, 1) if torch.cuda.device_count() >= 2 else (0, 0)
     runs = {}
-    for offload in ("never", "always"):
+    for offload, two_batch in (("never", "off"), ("always", "off"), ("always", "on")):
         cfg = small_engine_config(device="cuda", dtype="bfloat16", offload=offload, max_model_len=512,
                                   max_decode_batch=32, prefill_gpu=layout[0], decode_gpu=layout[1],
-                                  run_dir=str(tmp_path / offload), model="smollm2")
+                                  run_dir=str(tmp_path / f"{offload}-{two_batch}"), model="smollm2",
+                                  two_batch_overlap=two_batch)
         with LocalEngine(ckpt, cfg, dtype=torch.bfloat16) as engine:
-            runs[offload] = _run_recording_logits(engine, prompts, 64)
-    (never, never_logits), (always, always_logits) = runs["never"], runs["always"]
-    assert all(c.offloaded for c in always) and not any(c.offloaded for c in never)
-    same = sum(a.output_ids == b.output_ids for a, b in zip(never, always))
-    print(f"SmolLM2 bf16, layout {layout}: {same}/32 prompts with identical 64 tokens")
-    assert same >= 30
-    for a, b, la, lb in zip(never, always, never_logits, always_logits):
-        steps = next((i for i, (x, y) in enumerate(zip(a.output_ids[1:], b.output_ids[1:])) if x != y),
-                     len(a.output_ids) - 1) + 1  # decode steps compared: up to and including the first difference
-        for x, y in zip(la[:steps], lb[:steps]):
-            assert rel_err(y, x) < 2e-2
+            runs[offload, two_batch] = _run_recording_logits(engine, prompts, 64)
+            assert (engine.decode.runner.two_batch_steps > 0) == (two_batch == "on")
+    never, never_logits = runs["never", "off"]
+    assert not any(c.offloaded for c in never)
+    for key in (("always", "off"), ("always", "on")):
+        always, always_logits = runs[key]
+        assert all(c.offloaded for c in always)
+        same = sum(a.output_ids == b.output_ids for a, b in zip(never, always))
+        print(f"SmolLM2 bf16, layout {layout}, offload {key[0]}, two batches {key[1]}: "
+              f"{same}/32 prompts with identical 64 tokens")
+        assert same >= 30
+        for a, b, la, lb in zip(never, always, never_logits, always_logits):
+            steps = next((i for i, (x, y) in enumerate(zip(a.output_ids[1:], b.output_ids[1:])) if x != y),
+                         len(a.output_ids) - 1) + 1  # decode steps compared: up to and including the first difference
+            for x, y in zip(la[:steps], lb[:steps]):
+                assert rel_err(y, x) < 2e-2

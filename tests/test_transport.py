@@ -94,6 +94,39 @@ def test_host_transport_gets_the_executors_attention_of_its_rows(tmp_path):
         executor.stop()
 
 
+def test_two_batch_step_exchanges_each_batch_on_its_own_rows_and_frames(tmp_path):
+    """A step cut in two (rows [0, 2) and [2, 3)): per layer both batches' rows go out before either
+    output is read, each through its own slot; the outputs equal attention computed here."""
+    cfg = NAMED_SHAPES["tiny"]
+    engine = small_engine_config(run_dir=str(tmp_path))
+    executor = AttentionExecutor(cfg, engine, torch.float32, torch.device("cpu"))
+    executor.start()
+    transport = make_transport(cfg, engine, torch.float32, torch.device("cpu"))
+    try:
+        g = torch.Generator().manual_seed(3)
+        executor.pool.kv.copy_(torch.randn(executor.pool.kv.shape, generator=g))
+        lens = [7, 20, 49]
+        tables = [executor.pool.allocator.allocate(-(-n // 16), n) for n in lens]
+        hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        transport.begin_step([1, 2, 3], dict(zip([1, 2, 3], tables)), lens, split=2)
+        ref_kv = executor.pool.kv.clone()
+        for layer in range(cfg.num_hidden_layers):
+            q, k, v = torch.randn(3, hq, d, generator=g), torch.randn(3, hkv, d, generator=g), \
+                torch.randn(3, hkv, d, generator=g)
+            transport.send(layer, q[:2], k[:2], v[:2], part=0, row0=0)
+            transport.send(layer, q[2:], k[2:], v[2:], part=1, row0=2)
+            out = torch.full((3, hq, d), float("nan"))
+            transport.recv(layer, out[:2], part=0, row0=0)
+            transport.recv(layer, out[2:], part=1, row0=2)
+            meta = build_decode_metadata(ref_kv, tables, lens, torch.device("cpu"))
+            ref = TorchAttentionBackend().decode(layer, q, k, v, meta)
+            assert torch.allclose(out, ref, atol=1e-5)
+        assert torch.equal(executor.pool.kv, ref_kv)
+    finally:
+        transport.shutdown()
+        executor.stop()
+
+
 def test_host_transport_reports_an_executor_that_refuses_the_step(tmp_path):
     cfg = NAMED_SHAPES["tiny"]
     engine = small_engine_config(run_dir=str(tmp_path))

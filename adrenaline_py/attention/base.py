@@ -67,6 +67,16 @@ class AttentionBackend(ABC):
     ) -> torch.Tensor:
         """q: [T, Hq, D], k/v: [T, Hkv, D] → output [T, Hq, D] (``out`` when given)."""
 
+    def start(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+              ) -> object:
+        """Begin a layer's attention whose output `finish` returns; between the two the caller may run
+        other work (the two-batch overlap). Backends that compute here run it now."""
+        return self.forward(layer, q, k, v, meta)
+
+    def finish(self, pending: object) -> torch.Tensor:
+        """The output of a `start`ed attention."""
+        return pending
+
 
 def store_kv(kv: torch.Tensor, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     """Write K/V of some tokens into their slots of one layer of a pool: the one KV store.

@@ -5,6 +5,10 @@ merge and no scatter. The remote rows are shipped before local attention runs an
 after it, so the executor's work (on the other GPU, or beside prefill under MPS) overlaps with
 ours. With a capturable transport (CUDA) the whole thing is device work, captured with the rest
 of the step (adrenaline_py/engine/cuda_graphs.py).
+
+When every row is offloaded there is no local attention to hide the remote one behind; the step
+then runs as two batches (`start`/`finish`, `LlamaForCausalLM.forward_two_batches`): one batch's
+dense work here overlaps the other's attention on the executor.
 """
 
 from __future__ import annotations
@@ -24,6 +28,10 @@ class OffloadDecodeMetadata:
     local: DecodeMetadata | None  # metadata of rows [0, num_local)
     num_local: int                # rows [0, num_local) attend here (a graph's padding rows included)
     num_remote: int               # rows [num_local, num_local + num_remote) go to the executor
+    # Two-batch overlap (all rows offloaded, `LlamaForCausalLM.forward_two_batches`): which batch these
+    # rows are (its own exchange flags) and where they sit in the exchange buffers.
+    part: int = 0
+    row0: int = 0
 
 
 class OffloadAttentionBackend(AttentionBackend):
@@ -43,6 +51,19 @@ class OffloadAttentionBackend(AttentionBackend):
             self.local.forward(layer, q[:m], k[:m], v[:m], meta.local, out[:m])
         if n:
             self.remote.recv(layer, out[m:m + n])
+        return out
+
+    def start(self, layer, q, k, v, meta):
+        if isinstance(meta, OffloadDecodeMetadata) and meta.num_local == 0 and meta.num_remote:
+            self.remote.send(layer, q, k, v, meta.part, meta.row0)
+            return layer, meta, torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        return super().start(layer, q, k, v, meta)
+
+    def finish(self, pending):
+        if isinstance(pending, torch.Tensor):
+            return pending
+        layer, meta, out = pending
+        self.remote.recv(layer, out, meta.part, meta.row0)
         return out
 
     @contextmanager

@@ -33,6 +33,7 @@ import torch
 from adrenaline_py.attention import AttentionBackend, DecodeMetadata
 from adrenaline_py.attention.offload import OffloadAttentionBackend, OffloadDecodeMetadata
 from adrenaline_py.models.llama import LlamaForCausalLM
+from adrenaline_py.transport import Batch
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 # As fine as the local buckets from 8 rows up: decode's dense layers run over both buckets' rows,
@@ -168,6 +169,7 @@ class DecodeGraphs:
         max_batch: int,
         max_model_len: int,
         offload: bool = True,      # also capture steps with offloaded rows (a capturable transport)
+        two_batch: bool = False,   # also capture all-offloaded steps cut in two batches (two-batch overlap)
     ) -> None:
         self.model, self.backend, self.kv = model, backend, kv
         self._offloading = isinstance(backend, OffloadAttentionBackend)
@@ -177,25 +179,31 @@ class DecodeGraphs:
         self.max_model_len = max_model_len
         self.local_buckets = batch_buckets(max_batch)
         self.remote_buckets = offload_buckets(max_batch) if offload else []
-        self.keys = graph_keys(max_batch, offload)
-        rows = max(mb + nb for mb, nb in self.keys)
+        pairs = graph_keys(max_batch, offload)
+        rows = max(mb + nb for mb, nb in pairs)
+        # (local bucket, offloaded bucket, split): split = nb // 2 cuts an all-offloaded step in two
+        self.keys = [(mb, nb, 0) for mb, nb in pairs]
+        if offload and two_batch:
+            self.keys += [(0, nb, nb // 2) for nb in self.remote_buckets if nb >= 16]
         self.inputs = BatchInputs(rows, [0, 0, 1, rows], -(-max_model_len // self.block_size), self.device)
         self._graphs = _GraphSet(self.device)
 
-    def buckets_for(self, num_local: int, num_remote: int) -> tuple[int, int] | None:
-        """The graph key of a step, or None when no graph covers it."""
+    def buckets_for(self, num_local: int, num_remote: int, two_batch: bool = False) -> tuple[int, int, int] | None:
+        """The graph key of a step (``two_batch``: all rows offloaded, cut in two), or None when no graph
+        covers it."""
         mb, nb = _bucket(self.local_buckets, num_local), _bucket(self.remote_buckets, num_remote)
-        if mb is None or nb is None or (mb, nb) not in self._key_set:
+        if mb is None or nb is None:
             return None
-        return mb, nb
+        key = (mb, nb, nb // 2 if two_batch and mb == 0 else 0)
+        return key if key in self._key_set else None
 
     @property
-    def _key_set(self) -> set[tuple[int, int]]:
+    def _key_set(self) -> set[tuple[int, int, int]]:
         if not hasattr(self, "_keys_cached"):
             self._keys_cached = set(self.keys)
         return self._keys_cached
 
-    def capture(self, keys: list[tuple[int, int]] | None = None) -> None:
+    def capture(self, keys: list[tuple[int, int, int]] | None = None) -> None:
         """Capture graphs ahead of serving (all keys by default), largest first to share memory."""
         for key in sorted(keys if keys is not None else self.keys, key=lambda k: (k[0] + k[1], k), reverse=True):
             self.graph(key)
@@ -204,8 +212,12 @@ class DecodeGraphs:
     def num_graphs(self) -> int:
         return len(self._graphs.graphs)
 
-    def _forward(self, mb: int, nb: int) -> torch.Tensor:
+    def _forward(self, mb: int, nb: int, split: int) -> torch.Tensor:
         ids, positions, lens, rows = (t.contiguous() for t in self.inputs.values[: mb + nb].unbind(1))
+        if split:
+            metas = (OffloadDecodeMetadata(None, 0, split, part=0, row0=0),
+                     OffloadDecodeMetadata(None, 0, nb - split, part=1, row0=split))
+            return self.model.forward_two_batches(ids, positions, self.backend, metas, split)
         local = None
         if mb:
             tables = self.inputs.tables[rows[:mb]]
@@ -216,35 +228,36 @@ class DecodeGraphs:
         meta = OffloadDecodeMetadata(local, mb, nb) if self._offloading else local
         return self.model(ids, positions, self.backend, meta)
 
-    def graph(self, key: tuple[int, int]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        """The graph of a (local bucket, offloaded bucket) and its output buffer, captured on first use."""
-        mb, nb = key
+    def graph(self, key: tuple[int, int, int]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """The graph of a (local bucket, offloaded bucket, split) and its output buffer, captured on first use."""
+        mb, nb, split = key
         if key not in self._graphs.graphs:
             self.inputs.write([], mb + nb)  # every row a padding row: warm-up and capture store nothing
 
         def warm_up():
             with self.backend.warm_up() if self._offloading else contextlib.nullcontext():
-                self._forward(mb, nb)
+                self._forward(mb, nb, split)
 
-        return self._graphs.get(key, lambda: self._forward(mb, nb), warm_up)
+        return self._graphs.get(key, lambda: self._forward(mb, nb, split), warm_up)
 
     def run(
         self, keys: list[object], input_ids: list[int], positions: list[int], block_tables: list[list[int]],
-        seq_lens: list[int], num_local: int | None = None,
+        seq_lens: list[int], num_local: int | None = None, two_batch: bool = False,
     ) -> torch.Tensor | None:
         """Final hidden states [n, hidden] of the rows (local first, then offloaded), or None when no
-        graph covers the step. The first ``num_local`` rows (default: all) are local.
+        graph covers the step. The first ``num_local`` rows (default: all) are local; ``two_batch``:
+        an all-offloaded step runs cut in two (the split is ``split_of``).
 
         ``keys`` identify the sequences across steps (their block tables are uploaded once); a
         table must not change in place while its sequence runs (replace the list instead).
         """
         n = len(input_ids)
         m = n if num_local is None else num_local
-        key = self.buckets_for(m, n - m)
+        key = self.buckets_for(m, n - m, two_batch)
         if key is None or len(set(keys)) != n:
             return None
         graph, hidden = self.graph(key)
-        mb, nb = key
+        mb, nb, _ = key
         table_rows = self.inputs.table_rows(keys[:m], block_tables[:m])
         local = [list(r) for r in zip(input_ids[:m], positions[:m], seq_lens[:m], table_rows)]
         remote = [[t, p, s, self.inputs.pad_row] for t, p, s in zip(input_ids[m:], positions[m:], seq_lens[m:])]
@@ -274,37 +287,43 @@ class ExecutorGraphs:
         self._graphs = _GraphSet(self.device)
         self._buffers_key: object = None
 
-    def _meta(self, nb: int) -> DecodeMetadata:
-        positions, lens, rows = (t.contiguous() for t in self.inputs.values[:nb].unbind(1))
+    def _meta(self, start: int, end: int) -> DecodeMetadata:
+        positions, lens, rows = (t.contiguous() for t in self.inputs.values[start:end].unbind(1))
         tables = self.inputs.tables[rows]
         bs = self.block_size
         slots = tables.gather(1, (positions // bs)[:, None]).squeeze(1) * bs + positions % bs
         slots = torch.where(rows == self.inputs.pad_row, -1, slots)
         return DecodeMetadata(self.kv, tables, lens, slots, self.max_model_len)
 
-    def replay(self, endpoint, seq_ids: list[int], tables: list[list[int]], seq_lens: list[int]) -> bool:
-        """Run a step's layers from its bucket's graph (captured on first use for ``endpoint``'s exchange
-        buffers); False when no graph covers the step."""
+    def _batches(self, nb: int, split: int) -> list[Batch]:
+        cuts = [(0, split), (split, nb)] if split else [(0, nb)]
+        return [Batch(a, b - a, self.attend_with(self._meta(a, b))) for a, b in cuts]
+
+    def replay(self, endpoint, seq_ids: list[int], tables: list[list[int]], seq_lens: list[int],
+               split: int = 0) -> bool:
+        """Run a step's layers from the graph of its bucket (and of its two-batch cut, if any), captured
+        on first use for ``endpoint``'s exchange buffers; False when no graph covers the step."""
         nb = _bucket(self.buckets, len(seq_ids))
-        if not nb:
+        if not nb or split not in (0, nb // 2):  # decode cuts a padded bucket in halves
             return False
-        key = endpoint.buffers.qkv.data_ptr()
-        if key != self._buffers_key:  # decode re-created its exchange buffers: the graphs point at old ones
+        buffers = endpoint.buffers.qkv.data_ptr()
+        if buffers != self._buffers_key:  # decode re-created its exchange buffers: the graphs point at old ones
             self._graphs.clear()
-            self._buffers_key = key
-        if nb not in self._graphs.graphs:
+            self._buffers_key = buffers
+        key = (nb, split)
+        if key not in self._graphs.graphs:
             self.inputs.write([], nb)  # capture on padding rows: the warm-up stores nothing
 
             def forward():
-                endpoint.enqueue_layers(nb, self.attend_with(self._meta(nb)))
+                endpoint.enqueue_layers(self._batches(nb, split))
 
             def warm_up():
-                endpoint.enqueue_layers(nb, self.attend_with(self._meta(nb)), dry=True)
+                endpoint.enqueue_layers(self._batches(nb, split), dry=True)
 
-            self._graphs.get(nb, forward, warm_up)
+            self._graphs.get(key, forward, warm_up)
         rows = self.inputs.table_rows(seq_ids, tables)
         self.inputs.write([(0, [[s - 1, s, r] for s, r in zip(seq_lens, rows)])], nb)
-        self._graphs.graphs[nb][0].replay()
+        self._graphs.graphs[key][0].replay()
         return True
 
     @property

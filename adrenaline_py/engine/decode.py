@@ -24,6 +24,7 @@ import torch
 from adrenaline_py.attention import AttentionBackend, DecodeMetadata, build_decode_metadata
 from adrenaline_py.attention.offload import OffloadAttentionBackend, OffloadDecodeMetadata
 from adrenaline_py.attention.triton_decode import TritonAttentionBackend
+from adrenaline_py.config import TWO_BATCH_MODES
 from adrenaline_py.engine.cuda_graphs import DecodeGraphs
 from adrenaline_py.engine.prefill import PrefillItem, PrefillRunner
 from adrenaline_py.kv_cache import RECOMPUTE_PACK_TOKENS, KVPool, blocks_needed
@@ -313,8 +314,21 @@ class DecodeRunner:
         cuda_graphs: bool = False,
         max_model_len: int = 0,
         max_batch: int = 0,
+        two_batch: str = "off",
     ) -> None:
+        if two_batch not in TWO_BATCH_MODES:
+            raise ValueError(f"two_batch must be one of {TWO_BATCH_MODES}, got {two_batch!r}")
         self.model = model
+        self.two_batch = two_batch
+        self.two_batch_steps = 0  # steps run as two batches (all rows offloaded), for metrics and tests
+        cfg = model.config
+        elem = model.lm_head.weight.element_size()
+        # auto: cut an all-offloaded step in two when its KV reads outweigh a pass over the weights
+        # (the executor's attention then dominates, and decode's second pass over the weights hides
+        # behind it); below that the extra pass costs more than the overlap saves.
+        self._kv_bytes_per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * elem
+        self._weight_bytes = sum(p.numel() * p.element_size() for name, p in model.named_parameters()
+                                 if "embed_tokens" not in name or cfg.tie_word_embeddings)
         self.pool = decode_pool
         self.transport = transport
         self.backend = OffloadAttentionBackend(local_backend, transport)
@@ -326,28 +340,44 @@ class DecodeRunner:
         self._span = _DeviceSpan(self.device)
         if cuda_graphs and self.device.type == "cuda" and isinstance(local_backend, TritonAttentionBackend):
             self.graphs = DecodeGraphs(model, self.backend, decode_pool.kv, max_batch, max_model_len,
-                                       offload=transport.capturable)
+                                       offload=transport.capturable, two_batch=two_batch != "off")
+
+    def cuts_in_two(self, plan: DecodePlan) -> bool:
+        """Whether this step runs as two batches (two-batch overlap): only when every row is offloaded."""
+        if plan.local or len(plan.offloaded) < 2 or self.two_batch == "off":
+            return False
+        if self.two_batch == "on":
+            return True
+        return sum(s.num_tokens for s in plan.offloaded) * self._kv_bytes_per_token >= self._weight_bytes
 
     def run(self, plan: DecodePlan) -> list[int]:
         seqs = plan.seqs
         m, n = len(plan.local), len(plan.offloaded)
-        key = self.graphs.buckets_for(m, n) if self.graphs is not None else None
+        two = self.cuts_in_two(plan)
+        key = self.graphs.buckets_for(m, n, two) if self.graphs is not None else None
+        split = (key[2] if key is not None else (n + 1) // 2) if two else 0
+        self.two_batch_steps += bool(split)
         if n:  # the schedule goes first: the executor prepares its step while we prepare ours
             self.transport.begin_step([s.seq_id for s in plan.offloaded],
                                       {s.seq_id: s.block_table for s in plan.offloaded},
-                                      [s.num_tokens for s in plan.offloaded])
+                                      [s.num_tokens for s in plan.offloaded], split)
         self.device_s = self._span.begin()
         hidden = None
         if key is not None:
             hidden = self.graphs.run([s.seq_id for s in seqs], [s.output_ids[-1] for s in seqs],
                                      [s.num_tokens - 1 for s in seqs], [s.block_table for s in seqs],
-                                     [s.num_tokens for s in seqs], num_local=m)
+                                     [s.num_tokens for s in seqs], num_local=m, two_batch=two)
         if hidden is None:
             dev = self.device
             input_ids = torch.tensor([s.output_ids[-1] for s in seqs], dtype=torch.long, device=dev)
             positions = torch.tensor([s.num_tokens - 1 for s in seqs], dtype=torch.long, device=dev)
-            local_meta = self._local_metadata(plan.local) if plan.local else None
-            hidden = self.model(input_ids, positions, self.backend, OffloadDecodeMetadata(local_meta, m, n))
+            if split:
+                metas = (OffloadDecodeMetadata(None, 0, split, part=0, row0=0),
+                         OffloadDecodeMetadata(None, 0, n - split, part=1, row0=split))
+                hidden = self.model.forward_two_batches(input_ids, positions, self.backend, metas, split)
+            else:
+                local_meta = self._local_metadata(plan.local) if plan.local else None
+                hidden = self.model(input_ids, positions, self.backend, OffloadDecodeMetadata(local_meta, m, n))
         self.launched_at = time.perf_counter()
         logits = self.model.compute_logits(hidden)
         if self.gate is not None:  # from here this thread mostly waits for the GPU

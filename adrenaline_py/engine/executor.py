@@ -29,7 +29,15 @@ from adrenaline_py.config import EngineConfig, ModelConfig
 from adrenaline_py.engine.cuda_graphs import ExecutorGraphs
 from adrenaline_py.kv_cache import KVPool
 from adrenaline_py.placement import bind
-from adrenaline_py.transport import STEP_FRAME, Channel, ExecutorEndpoint, OffloadServer, OffloadStep, make_endpoint
+from adrenaline_py.transport import (
+    STEP_FRAME,
+    Batch,
+    Channel,
+    ExecutorEndpoint,
+    OffloadServer,
+    OffloadStep,
+    make_endpoint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -129,10 +137,9 @@ class AttentionExecutor:
                 raise ConnectionError(f"expected a STEP frame, got {kind!r}")
             started = time.perf_counter()
             tables = self.apply_step(step)
-            n = len(step.seq_ids)
-            if self.graphs is None or not self.graphs.replay(endpoint, step.seq_ids, tables, step.seq_lens):
-                meta = build_decode_metadata(self.pool.kv, tables, step.seq_lens, self.device)
-                endpoint.run_step(n, self._attend_with(meta))
+            if self.graphs is None or not self.graphs.replay(endpoint, step.seq_ids, tables, step.seq_lens,
+                                                             step.split):
+                endpoint.run_step(self._batches(tables, step.seq_lens, step.split))
             self.host_s += time.perf_counter() - started
 
     def apply_step(self, step: OffloadStep) -> list[list[int]]:
@@ -147,6 +154,14 @@ class AttentionExecutor:
             self.block_tables[seq_id] = blocks
         self.num_steps += 1
         return [self.block_tables[s] for s in step.seq_ids]
+
+    def _batches(self, tables: list[list[int]], seq_lens: list[int], split: int) -> list[Batch]:
+        """The step's rows as one batch, or two (rows [0, split) and the rest) in a two-batch step."""
+        n = len(seq_lens)
+        cuts = [(0, split), (split, n)] if 0 < split < n else [(0, n)]
+        return [Batch(a, b - a, self._attend_with(build_decode_metadata(self.pool.kv, tables[a:b], seq_lens[a:b],
+                                                                          self.device)))
+                for a, b in cuts]
 
     def _attend_with(self, meta: DecodeMetadata):
         """The per-layer work for rows described by ``meta``: store their k/v in this pool, attention into out."""

@@ -80,6 +80,21 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
 
+    def qkv(
+        self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Post-RoPE q [T, Hq, D], k and v [T, Hkv, D] (views of one qkv product)."""
+        T = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(T, self.num_heads, self.head_dim)
+        k = k.view(T, self.num_kv_heads, self.head_dim)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
+        rope.forward_(positions, q, k)
+        return q, k, v
+
+    def output(self, attn: torch.Tensor) -> torch.Tensor:
+        return self.o_proj(attn.reshape(attn.shape[0], self.num_heads * self.head_dim))
+
     def forward(
         self,
         x: torch.Tensor,
@@ -88,14 +103,8 @@ class Attention(nn.Module):
         backend: AttentionBackend,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(T, self.num_heads, self.head_dim)
-        k = k.view(T, self.num_kv_heads, self.head_dim)
-        v = v.view(T, self.num_kv_heads, self.head_dim)
-        rope.forward_(positions, q, k)
-        out = backend.forward(self.layer_idx, q, k, v, meta)  # [T, Hq, D]
-        return self.o_proj(out.reshape(T, self.num_heads * self.head_dim))
+        q, k, v = self.qkv(x, positions, rope)
+        return self.output(backend.forward(self.layer_idx, q, k, v, meta))  # attention [T, Hq, D]
 
 
 class MLP(nn.Module):
@@ -119,13 +128,21 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, residual, positions, rope, backend, meta):
         """x: this layer's input delta (the embeddings for layer 0); residual: the stream so far."""
+        q, k, v, residual = self.before_attention(x, residual, positions, rope)
+        return self.after_attention(backend.forward(self.self_attn.layer_idx, q, k, v, meta), residual)
+
+    def before_attention(self, x, residual, positions, rope):
+        """Input norm and the q/k/v projection: (q, k, v, residual)."""
         if residual is None:
             h, _ = self.input_layernorm(x)
             residual = x
         else:
             h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(h, positions, rope, backend, meta)
-        h, residual = self.post_attention_layernorm(h, residual)
+        return (*self.self_attn.qkv(h, positions, rope), residual)
+
+    def after_attention(self, attn: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Output projection, post-attention norm and MLP: (this layer's output delta, residual)."""
+        h, residual = self.post_attention_layernorm(self.self_attn.output(attn), residual)
         return self.mlp(h), residual
 
 
@@ -163,6 +180,36 @@ class LlamaForCausalLM(nn.Module):
         for layer in self.model.layers:
             x, residual = layer(x, residual, positions, self.rope, backend, meta)
         return self.model.norm(x, residual)[0]
+
+    @torch.inference_mode()
+    def forward_two_batches(
+        self,
+        input_ids: torch.Tensor,  # [T]
+        positions: torch.Tensor,  # [T]
+        backend: AttentionBackend,
+        metas: tuple[AttentionMetadata, AttentionMetadata],
+        split: int,               # rows [0, split) are the first batch, [split, T) the second
+    ) -> torch.Tensor:
+        """`forward` with the batch cut in two whose layers interleave (two-batch overlap): while one
+        batch's attention runs elsewhere (`AttentionBackend.start`, the offload executor), the other
+        batch's dense work runs here. Same result as `forward` up to the GEMMs' rounding."""
+        layers = self.model.layers
+        rows = (slice(0, split), slice(split, input_ids.shape[0]))
+        pending, residual, hidden = [None, None], [None, None], [None, None]
+        for b in (0, 1):
+            q, k, v, residual[b] = layers[0].before_attention(
+                self.model.embed_tokens(input_ids[rows[b]]), None, positions[rows[b]], self.rope)
+            pending[b] = backend.start(0, q, k, v, metas[b])
+        for i, layer in enumerate(layers):
+            for b in (0, 1):  # batch b's dense work overlaps the other batch's attention
+                x, residual[b] = layer.after_attention(backend.finish(pending[b]), residual[b])
+                if i + 1 < len(layers):
+                    q, k, v, residual[b] = layers[i + 1].before_attention(x, residual[b], positions[rows[b]],
+                                                                          self.rope)
+                    pending[b] = backend.start(i + 1, q, k, v, metas[b])
+                else:
+                    hidden[b] = self.model.norm(x, residual[b])[0]
+        return torch.cat(hidden)
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
