@@ -157,7 +157,8 @@ def kill_executor_mid_decode(url: str, run_dir: str, metrics_port: int, prompts:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="dummy:llama-2-7b")
-    p.add_argument("--modes", nargs="+", default=["never", "always"])
+    p.add_argument("--modes", nargs="+", default=["never", "always"],
+                   help="--offload modes, each optionally with +two-batch=on|off|auto (default auto)")
     p.add_argument("--prefill-gpu", type=int, default=0)
     p.add_argument("--decode-gpu", type=int, default=1)
     p.add_argument("--prompts", type=int, default=16)
@@ -177,16 +178,18 @@ def main() -> int:
                     "executor_sm_share": a.executor_sm_share, "prefill_sm_share": a.prefill_sm_share, "modes": {}}
     answers: dict[str, list[str]] = {}
     for mode in a.modes:
+        offload, _, two_batch = mode.partition("+two-batch=")  # e.g. always+two-batch=off
         engine = EngineConfig(
             model=a.model, device="cuda", prefill_gpu=a.prefill_gpu, decode_gpu=a.decode_gpu, dtype="bfloat16",
-            offload=mode, max_model_len=a.prompt_tokens + a.output_tokens + 256, max_tokens_limit=a.output_tokens + 128,
+            offload=offload, two_batch_overlap=two_batch or EngineConfig.two_batch_overlap,
+            max_model_len=a.prompt_tokens + a.output_tokens + 256, max_tokens_limit=a.output_tokens + 128,
             max_decode_batch=max(a.concurrency, a.prompts), num_decode_blocks=a.blocks, num_executor_blocks=a.blocks,
             run_dir="", executor_sm_share=a.executor_sm_share, prefill_sm_share=a.prefill_sm_share,
         )
         # A GPU bundle without aiohttp (older builds): tritonserver's HTTP directly (loopback, our own clients).
         options = ServerOptions(http_port=18000, grpc_port=18001, metrics_port=18002,
                                 front=importlib.util.find_spec("aiohttp") is not None)
-        log_path = Path(a.out or "/tmp", f"serve_{mode}.log")
+        log_path = Path(a.out or "/tmp", f"serve_{mode.replace('+', '_').replace('=', '-')}.log")
         t0 = time.monotonic()
         server = Server(engine, options, log_path=log_path)
         entry: dict = {}
@@ -207,7 +210,7 @@ def main() -> int:
             m = metrics(options.metrics_port)
             entry["offloaded_steps_share"] = m.get('adrenaline_decode_batch_size_sum{rows="offloaded"}', 0) / max(
                 1.0, m.get('adrenaline_decode_batch_size_sum{rows="all"}', 0))
-            if mode != "never" and not a.no_kill:
+            if offload != "never" and not a.no_kill:
                 entry["kill"] = kill_executor_mid_decode(url, str(server.run_dir), options.metrics_port,
                                                          [prompt_of(500 + i, 256) for i in range(16)], 256)
         except Exception as e:
