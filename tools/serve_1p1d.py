@@ -177,6 +177,8 @@ def main() -> int:
     report: dict = {"model": a.model, "layout": f"prefill GPU {a.prefill_gpu}, decode GPU {a.decode_gpu}",
                     "executor_sm_share": a.executor_sm_share, "prefill_sm_share": a.prefill_sm_share, "modes": {}}
     answers: dict[str, list[str]] = {}
+    if a.out:
+        Path(a.out).mkdir(parents=True, exist_ok=True)  # the servers' logs go there
     for mode in a.modes:
         offload, _, two_batch = mode.partition("+two-batch=")  # e.g. always+two-batch=off
         engine = EngineConfig(
