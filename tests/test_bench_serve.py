@@ -524,8 +524,10 @@ def test_decode_loop_breakdown_is_milliseconds_per_step_and_per_response():
                 'adrenaline_decode_step_seconds_total{phase="executor_idle"}': 0.1,
                 "adrenaline_executor_steps_total": 50.0, "adrenaline_executor_host_seconds_total": 0.05,
                 "adrenaline_output_responses_total": 400.0, "adrenaline_output_events_total": 500.0,
-                "adrenaline_output_send_seconds_total": 0.04, "adrenaline_output_lag_seconds_total": 2.0}
+                "adrenaline_output_send_seconds_total": 0.04, "adrenaline_output_lag_seconds_total": 2.0,
+                "adrenaline_decode_two_batch_steps_total": 25.0}
     b = bs.decode_loop_breakdown(counters)
+    assert b["two_batch_share"] == pytest.approx(0.25)
     assert b["step_ms"] == pytest.approx({"prepare": 2.0, "wait": 20.0, "device": 19.0, "offload_wait": 3.0,
                                           "executor_idle": 1.0})
     assert list(b["step_ms"])[:2] == ["prepare", "wait"]   # host phases first, then GPU times

@@ -577,6 +577,7 @@ def decode_loop_breakdown(counters: dict[str, float]) -> dict[str, Any]:
             out["step_ms"] = dict(sorted(phases.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order
                                          else len(order)))
             out["host_step_ms"] = sum(v for k, v in phases.items() if k not in GPU_PHASES)
+        out["two_batch_share"] = counters.get("adrenaline_decode_two_batch_steps_total", 0) / steps
     executor_steps = counters.get("adrenaline_executor_steps_total", 0)
     if executor_steps > 0:
         out["executor_host_ms"] = 1e3 * counters.get("adrenaline_executor_host_seconds_total", 0) / executor_steps
@@ -880,7 +881,9 @@ def format_summary(result: dict[str, Any]) -> str:
                              f"{ph.get('executor_idle', 0):.2f} (+ {ph.get('executor_early', 0):.2f} "
                              "before a step's first layer)"
                              + (f"; executor host {loop['executor_host_ms']:.2f} ms per its step"
-                                if "executor_host_ms" in loop else ""))
+                                if "executor_host_ms" in loop else "")
+                             + (f"; {loop['two_batch_share']:.0%} of steps as two batches"
+                                if loop.get("two_batch_share") else ""))
         if "responses" in loop:
             lines.append(f"  responses: {loop['responses']:g} for {loop['events']:g} token events, "
                          f"send {loop['send_ms']:.3f} ms, lag {loop['lag_ms']:.1f} ms (means)")

@@ -362,6 +362,9 @@ class DecodeMetrics:
                                        "requests ended, by reason (refused or failed before decoding: error)",
                                        "COUNTER")
         self.finished: dict[str, object] = {}
+        self.two_batch = family("adrenaline_decode_two_batch_steps_total",
+                                "decode steps run as two interleaved batches (every row offloaded, two-batch "
+                                "overlap)", "COUNTER").Metric()
         self.recovered = family("adrenaline_offload_recovered_total",
                                 "offloaded requests moved to decode after an executor failure", "COUNTER").Metric()
         phases = family("adrenaline_decode_step_seconds_total",
@@ -383,7 +386,8 @@ class DecodeMetrics:
         self.queued = family("adrenaline_output_queued_events",
                              "token events handed to the output threads whose responses are not out yet",
                              "GAUGE").Metric()
-        self._seen = {"steps": 0, "recovered": 0, "finished": {}, **{f"kv_read_{p}": 0 for p in POOL_NAMES},
+        self._seen = {"steps": 0, "recovered": 0, "two_batch": 0, "finished": {},
+                      **{f"kv_read_{p}": 0 for p in POOL_NAMES},
                       **{f"phase_{p}": 0.0 for p in StepTimes.PHASES}, **{f"out_{k}": 0 for k in self.output}}
 
     def update(self) -> None:
@@ -417,6 +421,7 @@ class DecodeMetrics:
             self._add(metric, getattr(out, k), f"out_{k}")
         self.queued.set(self.service.outputs.queued())
         self._add(self.recovered, loop.num_recovered, "recovered")
+        self._add(self.two_batch, self.service.runner.two_batch_steps, "two_batch")
         totals = Counter(scheduler.finished)
         totals.update(self.ended)
         for reason, count in totals.items():
