@@ -6,16 +6,18 @@ no gaps. A graph fixes every shape and pointer, so:
 
 - inputs live in static device buffers (`BatchInputs`): per step the host writes one [B, C] int64
   array through one pinned copy; block tables stay on the device, uploaded once per sequence;
-- decode graphs are keyed by (local bucket, offloaded bucket) — the 2-D buckets: rows are laid out
-  ``[local | local padding | offloaded | offloaded padding]``; padding rows get slot -1 (the KV
-  store skips them) and length 1. The executor's graphs are keyed by its (offloaded) bucket;
+- decode graphs are keyed by (local bucket, offloaded bucket, split) — the 2-D buckets: rows are laid
+  out ``[local | local padding | offloaded | offloaded padding]``; padding rows get slot -1 (the KV
+  store skips them) and length 1; split > 0 only for all-offloaded steps run as two batches (rows
+  [0, split) and [split, bucket), split = bucket // 2). The executor's graphs are keyed by its
+  (offloaded) bucket and the split;
 - the attention kernel's grid is sized for ``max_model_len`` and programs past a sequence's end
   exit at once, so context length is not a key;
 - how many graphs: decode captures one per *reachable* pair — local buckets ∪ {0} × offloaded
-  buckets ∪ {0}, keeping pairs whose smallest step fits ``max_batch`` (`graph_keys`); offloaded
-  buckets are powers of two from 8 (padding at most doubles the exchanged rows). With max_batch
-  64 that is 46 graphs (9 without offloading), with 256 it is 104 (15). All graphs of a process
-  share one memory pool and are captured largest first, so activations take the largest's memory;
+  buckets ∪ {0}, keeping pairs whose smallest step fits ``max_batch`` (`graph_keys`) — plus, with
+  the two-batch overlap, one per offloaded bucket from 16 cut in two. With max_batch 64 that is
+  61 + 5 graphs (9 without offloading), with 256 177 + 11, with 400 255 + 14. All graphs of a
+  process share one memory pool and are captured largest first, so activations take the largest's memory;
 - only the layers are captured; the LM head and sampling run after the replay, on the rows in use.
 
 Before a capture each shape is run once (warm-up: Triton compiles, cuBLAS picks kernels) with the
