@@ -10,18 +10,27 @@ which process samples (prefill samples a request's first token, decode the rest)
 vocabulary entry is a pure integer hash of ``(seed, i, token id)`` (counter-based: no generator
 state), so a request draws the same token whatever else is in its batch, on CPU and GPU alike.
 Gumbel-max picks token t with probability softmax(scores)[t], i.e. exactly the categorical draw.
+
+Top-k and top-p become one threshold per row (the score of the last token kept, from one sort of
+the values), so no [B, V] index is scattered back. On CUDA one Triton kernel then makes the noise
+and takes the argmax in a single pass over the scores (`gumbel_argmax`); elsewhere torch makes the
+[B, V] noise (`gumbel_noise`), with the same integer hash.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from adrenaline_py.request import SamplingParams
+from adrenaline_py.triton_support import runs_triton, tl, triton
 
 _M32 = 0xFFFFFFFF
+_fused = {"ok": True}  # cleared if the CUDA kernel ever fails to build
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -57,12 +66,17 @@ def _token_hashes(vocab: int, device: torch.device) -> torch.Tensor:
     return _TOKEN_HASHES[key]
 
 
-def gumbel_noise(seeds: list[int], indices: list[int], vocab: int, device: torch.device) -> torch.Tensor:
-    """[B, V] float32 Gumbel noise, a pure function of each row's (seed, output index) and the token id."""
+def _row_keys(seeds: list[int], indices: list[int]) -> torch.Tensor:
+    """[B] int64 (< 2**32): the per-row half of the noise's key, from (seed, output index)."""
     lo = torch.tensor([s & _M32 for s in seeds], dtype=torch.int64)
     hi = torch.tensor([(s >> 32) & _M32 for s in seeds], dtype=torch.int64)
     idx = torch.tensor([i & _M32 for i in indices], dtype=torch.int64)
-    key = (_hash32(lo) ^ _hash32(hi ^ 0x85EBCA6B) ^ _hash32(idx + 0x9E3779B9)).to(device)
+    return _hash32(lo) ^ _hash32(hi ^ 0x85EBCA6B) ^ _hash32(idx + 0x9E3779B9)
+
+
+def gumbel_noise(seeds: list[int], indices: list[int], vocab: int, device: torch.device) -> torch.Tensor:
+    """[B, V] float32 Gumbel noise, a pure function of each row's (seed, output index) and the token id."""
+    key = _row_keys(seeds, indices).to(device)
     tok = _token_hashes(vocab, device)
     bits = _hash32(key[:, None] ^ tok[None, :])
     u = ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))   # 24 bits: exact in float32, in (0, 1)
@@ -163,16 +177,80 @@ def _sample_rows(scores: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     scores = scores / temps[:, None]
     cut_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in ps]
     cut_p = [p.top_p for p in ps]
+    threshold = None
     if min(cut_k) < vocab or min(cut_p) < 1.0:
-        # One batched sort: keep each row's top-k, then the smallest prefix whose mass (renormalised
-        # over the top-k) reaches top-p; always at least the best token.
-        ordered, order = torch.sort(scores, dim=-1, descending=True)
-        keep = torch.arange(vocab, device=dev)[None, :] < torch.tensor(cut_k, dtype=torch.int64).to(dev)[:, None]
+        # One batched sort of the values: keep each row's top-k, then the smallest prefix whose mass
+        # (renormalised over the top-k) reaches top-p; always at least the best token. What is kept
+        # is every token scoring at least the last kept one (ties at that score are all kept).
+        ordered = torch.sort(scores, dim=-1, descending=True).values
+        k = torch.tensor(cut_k, dtype=torch.int64).to(dev)
+        kept = k
         if min(cut_p) < 1.0:
-            probs = ordered.masked_fill(~keep, float("-inf")).softmax(-1)
+            probs = ordered.masked_fill(torch.arange(vocab, device=dev)[None, :] >= k[:, None], float("-inf"))
+            probs = probs.softmax(-1)
             top_p = torch.tensor(cut_p, dtype=torch.float32).to(dev)
-            keep &= (probs.cumsum(-1) - probs) < top_p[:, None]
-        ordered = ordered.masked_fill(~keep, float("-inf"))
-        scores = torch.full_like(scores, float("-inf")).scatter(1, order, ordered)
-    noise = gumbel_noise([p.seed for p in ps], [len(r.output_ids) for r in rows], vocab, dev)
-    return (scores + noise).argmax(dim=-1)
+            kept = torch.minimum(k, ((probs.cumsum(-1) - probs) < top_p[:, None]).sum(-1))  # a prefix
+        threshold = ordered.gather(1, (kept.clamp(min=1) - 1)[:, None]).squeeze(1)
+    keys = _row_keys([p.seed for p in ps], [len(r.output_ids) for r in rows])
+    if runs_triton(scores) and _fused["ok"]:
+        try:
+            return gumbel_argmax(scores, keys.to(dev), threshold)
+        except Exception as e:  # a kernel that does not build here: the torch path draws the same tokens
+            _fused["ok"] = False
+            log.warning("sampler: the fused Gumbel-max kernel failed (%s: %s); using the torch path",
+                        type(e).__name__, e)
+    if threshold is not None:
+        scores = scores.masked_fill(scores < threshold[:, None], float("-inf"))
+    return (scores + gumbel_noise([p.seed for p in ps], [len(r.output_ids) for r in rows], vocab, dev)).argmax(-1)
+
+
+# --- CUDA: noise and argmax in one pass ------------------------------------------------------------
+
+if triton is not None:
+
+    @triton.jit
+    def _mix32(x):
+        # lowbias32 on uint32 (multiplications wrap mod 2**32, as `_hash32` computes them in int64)
+        x = x ^ (x >> 16)
+        x = x * 0x7FEB352D
+        x = x ^ (x >> 15)
+        x = x * 0x846CA68B
+        return x ^ (x >> 16)
+
+    @triton.jit
+    def _gumbel_argmax_kernel(scores_ptr, stride, keys_ptr, threshold_ptr, out_ptr, vocab,
+                              HAS_THRESHOLD: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        key = tl.load(keys_ptr + row).to(tl.uint32)
+        if HAS_THRESHOLD:
+            threshold = tl.load(threshold_ptr + row)
+        best = tl.full((), float("-inf"), tl.float32)
+        best_at = tl.full((), 0, tl.int64)
+        for start in range(0, vocab, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            inside = offs < vocab
+            s = tl.load(scores_ptr + row * stride + offs, mask=inside, other=float("-inf"))
+            token = _mix32(offs.to(tl.uint32) * 0x2545F491)
+            bits = _mix32(key ^ token)
+            u = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+            v = s + -tl.log(-tl.log(u))
+            if HAS_THRESHOLD:
+                inside = inside & (s >= threshold)
+            v = tl.where(inside, v, float("-inf"))
+            m = tl.max(v, axis=0)
+            at = tl.argmax(v, axis=0).to(tl.int64) + start
+            take = m > best  # strictly: the first maximum wins, as torch.argmax
+            best_at = tl.where(take, at, best_at)
+            best = tl.where(take, m, best)
+        tl.store(out_ptr + row, best_at)
+
+
+def gumbel_argmax(scores: torch.Tensor, keys: torch.Tensor, threshold: torch.Tensor | None = None) -> torch.Tensor:
+    """argmax(scores + Gumbel noise) per row of [S, V] fp32 scores on the GPU, over the tokens scoring
+    at least ``threshold`` [S] (all when None): the noise of `gumbel_noise`, made in the kernel."""
+    scores = scores.contiguous()
+    out = torch.empty(scores.shape[0], dtype=torch.int64, device=scores.device)
+    _gumbel_argmax_kernel[(scores.shape[0],)](
+        scores, scores.stride(0), keys, threshold if threshold is not None else scores, out, scores.shape[1],
+        HAS_THRESHOLD=threshold is not None, BLOCK=2048, num_warps=8)
+    return out

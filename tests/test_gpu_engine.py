@@ -98,6 +98,30 @@ def test_silu_and_mul_matches_float64(dtype):
     assert rel_err(ops.silu_and_mul(gu), gate * torch.sigmoid(gate) * up) < TOL[dtype]
 
 
+@pytest.mark.parametrize("cut", ["none", "top-k 50", "top-p 0.9"])
+def test_fused_gumbel_argmax_draws_what_the_torch_noise_draws(cut):
+    """The sampler's one-pass CUDA kernel (noise made in the kernel, thresholds applied there) picks,
+    row for row, the token that argmax(scores + gumbel_noise) picks with the torch path."""
+    from adrenaline_py import sampler
+
+    g = torch.Generator(device=DEVICE).manual_seed(5)
+    rows, vocab = 64, 128_256
+    scores = torch.randn(rows, vocab, device=DEVICE, generator=g) * 3
+    seeds, indices = [1000 + 7 * i for i in range(rows)], [i % 9 for i in range(rows)]
+    keys = sampler._row_keys(seeds, indices).to(DEVICE)
+    threshold = None
+    if cut != "none":
+        ordered = scores.sort(dim=-1, descending=True).values
+        kept = 50 if cut.startswith("top-k") else int((ordered.softmax(-1).cumsum(-1) < 0.9).sum(-1).min()) + 1
+        threshold = ordered[:, kept - 1].contiguous()
+    masked = scores if threshold is None else scores.masked_fill(scores < threshold[:, None], float("-inf"))
+    ref = (masked + sampler.gumbel_noise(seeds, indices, vocab, torch.device(DEVICE))).argmax(-1)
+    got = sampler.gumbel_argmax(scores, keys, threshold)
+    assert torch.equal(got, ref)
+    if threshold is not None:
+        assert bool((scores.gather(1, got[:, None]).squeeze(1) >= threshold).all())
+
+
 def test_store_kv_writes_its_slots_and_skips_padding_rows():
     g = torch.Generator(device=DEVICE).manual_seed(3)
     kv = torch.randn(2, 2, 8, 16, 8, 128, generator=g, device=DEVICE).to(torch.bfloat16)
