@@ -184,6 +184,9 @@ def test_cuda_graph_decode_logits_match_transformers(dtype, tmp_path):
     assert torch.equal(pool.kv[:, :, ~owned.to(DEVICE)], spare_before)  # padding rows wrote nothing
 
 
+# A known hang (docs/performance.md, "Not done"): decode and the executor in one process on one GPU
+# with every row offloaded; fail after 3 minutes rather than at pyproject's 15.
+@pytest.mark.timeout(180)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("offload", ["never", "always", "ratio:0.5", "always, two batches"])
 def test_local_engine_on_gpu_offloaded_and_local_agree(offload, layout, tmp_path):
