@@ -248,7 +248,7 @@ class DecodeGraphs:
     ) -> torch.Tensor | None:
         """Final hidden states [n, hidden] of the rows (local first, then offloaded), or None when no
         graph covers the step. The first ``num_local`` rows (default: all) are local; ``two_batch``:
-        an all-offloaded step runs cut in two (the split is ``split_of``).
+        an all-offloaded step runs cut in two (rows [0, bucket // 2) and the rest: `buckets_for`).
 
         ``keys`` identify the sequences across steps (their block tables are uploaded once); a
         table must not change in place while its sequence runs (replace the list instead).
@@ -271,8 +271,8 @@ class DecodeGraphs:
 
 
 class ExecutorGraphs:
-    """The executor's step captured per offloaded bucket: per layer wait for decode's flag, store
-    k/v, attention, signal (adrenaline_py/transport.py `DeviceEndpoint.enqueue_layers`).
+    """The executor's step captured per (offloaded bucket, split): per layer and batch wait for
+    decode's flag, store k/v, attention, signal (adrenaline_py/transport.py `DeviceEndpoint.enqueue_layers`).
 
     Per step the host sends one [B, 3] int64 array (position, context length, table row).
     """
