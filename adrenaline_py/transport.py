@@ -142,6 +142,16 @@ class ExchangeBuffers:
         return cls._make(model, engine, dtype, device, create=False)
 
     @classmethod
+    def scratch(cls, model: ModelConfig, engine: EngineConfig, dtype: torch.dtype, device: torch.device,
+                ) -> ExchangeBuffers:
+        """Process-local buffers of the same shapes (zeros), for warming kernels up."""
+        shapes = cls.shapes(model, engine)
+        return cls(torch.zeros(shapes["offload.qkv"], dtype=dtype, device=device),
+                   torch.zeros(shapes["offload.out"], dtype=dtype, device=device),
+                   torch.zeros(shapes["offload.ctrl"], dtype=torch.int32, device=device),
+                   model.num_attention_heads, model.num_key_value_heads, model.head_dim)
+
+    @classmethod
     def _make(cls, model, engine, dtype, device, create: bool) -> ExchangeBuffers:
         shapes = cls.shapes(model, engine)
         names = cls.NAMES if device.type == "cuda" else cls.NAMES[:2]
@@ -654,18 +664,8 @@ class DeviceEndpoint(ExecutorEndpoint):
         self.enqueue_layers(batches)
 
     def enqueue_layers(self, batches: list[Batch], dry: bool = False) -> None:
-        """The step's device work (also what a captured step records); ``dry``: no waits or signals.
-        Layer by layer, batch by batch: the order decode sends them in."""
-        b = self.buffers
-        views = [self.layer_views(batch) for batch in batches]
-        for layer in range(self.model.num_hidden_layers):
-            for part, batch in enumerate(batches):
-                slot = b.slot(layer, part)
-                if not dry:
-                    wait_flag(b.ctrl, b.q_flags + slot, b.waits(b.WAIT_EXECUTOR if slot else b.WAIT_EXECUTOR_FIRST))
-                batch.attend(layer, *views[part])
-                if not dry:
-                    signal_flag(b.ctrl, b.o_flags + slot)
+        """The step's device work (also what a captured step records); ``dry``: no waits or signals."""
+        enqueue_step(self.buffers, self.model.num_hidden_layers, batches, dry)
 
     def abort(self) -> None:
         # decode is gone mid-step (or never sent the rest): let this connection's waits pass
@@ -674,6 +674,24 @@ class DeviceEndpoint(ExecutorEndpoint):
             b.ctrl[b.q_flags: b.q_flags + 2 * self.model.num_hidden_layers].fill_(self.epoch)
         self._release_stream.synchronize()
         torch.cuda.current_stream(self.device).synchronize()  # this connection's layers have run
+
+
+def enqueue_step(buffers: ExchangeBuffers, num_layers: int, batches: list[Batch], dry: bool = False) -> None:
+    """The executor's device work of one step over ``buffers``: layer by layer, batch by batch (the
+    order decode sends them in), wait for decode's flag, attend, signal; ``dry``: no waits or signals."""
+    b = buffers
+    views = []
+    for batch in batches:
+        q, k, v = b.split(batch.rows, batch.row0)
+        views.append((q, k, v, b.out[batch.row0:batch.row0 + batch.rows]))
+    for layer in range(num_layers):
+        for part, batch in enumerate(batches):
+            slot = b.slot(layer, part)
+            if not dry:
+                wait_flag(b.ctrl, b.q_flags + slot, b.waits(b.WAIT_EXECUTOR if slot else b.WAIT_EXECUTOR_FIRST))
+            batch.attend(layer, *views[part])
+            if not dry:
+                signal_flag(b.ctrl, b.o_flags + slot)
 
 
 def make_endpoint(model: ModelConfig, engine: EngineConfig, dtype: torch.dtype, device: torch.device,

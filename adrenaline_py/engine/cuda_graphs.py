@@ -35,7 +35,7 @@ import torch
 from adrenaline_py.attention import AttentionBackend, DecodeMetadata
 from adrenaline_py.attention.offload import OffloadAttentionBackend, OffloadDecodeMetadata
 from adrenaline_py.models.llama import LlamaForCausalLM
-from adrenaline_py.transport import Batch
+from adrenaline_py.transport import Batch, ExchangeBuffers, enqueue_step
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 # As fine as the local buckets from 8 rows up: decode's dense layers run over both buckets' rows,
@@ -300,6 +300,17 @@ class ExecutorGraphs:
     def _batches(self, nb: int, split: int) -> list[Batch]:
         cuts = [(0, split), (split, nb)] if split else [(0, nb)]
         return [Batch(a, b - a, self.attend_with(self._meta(a, b))) for a, b in cuts]
+
+    def load_kernels(self, buffers: ExchangeBuffers, num_layers: int) -> None:
+        """Run every captured shape's work once, dry, over scratch exchange ``buffers`` of decode's
+        shapes, before any connection: Triton compiles and CUDA loads each kernel variant now. A
+        kernel whose module first loads while a peer's wait kernel spins can deadlock (CUDA lazy
+        loading may synchronize the context), and compiling during the first steps stalls them."""
+        for nb in self.buckets:
+            for split in (0, nb // 2) if nb >= 16 else (0,):
+                self.inputs.write([], nb)
+                enqueue_step(buffers, num_layers, self._batches(nb, split), dry=True)
+        torch.cuda.current_stream(self.device).synchronize()
 
     def replay(self, endpoint, seq_ids: list[int], tables: list[list[int]], seq_lens: list[int],
                split: int = 0) -> bool:

@@ -33,6 +33,7 @@ from adrenaline_py.transport import (
     STEP_FRAME,
     Batch,
     Channel,
+    ExchangeBuffers,
     ExecutorEndpoint,
     OffloadServer,
     OffloadStep,
@@ -88,6 +89,10 @@ class AttentionExecutor:
         self.graphs = None
         if device.type == "cuda" and engine.cuda_graphs:
             self.graphs = ExecutorGraphs(self._attend_with, self.pool.kv, engine.max_decode_batch, engine.max_model_len)
+            try:
+                self.graphs.load_kernels(ExchangeBuffers.scratch(model, engine, dtype, device), model.num_hidden_layers)
+            except Exception:  # only a warm-up: each step's graph capture runs the same work again
+                log.exception("attention executor: loading the step kernels ahead failed")
         self.block_tables: dict[int, list[int]] = {}
         self.num_steps = 0
         self.host_s = 0.0  # summed over steps: from a step's schedule in hand to its layers launched
