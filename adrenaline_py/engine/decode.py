@@ -355,6 +355,9 @@ class DecodeRunner:
         m, n = len(plan.local), len(plan.offloaded)
         two = self.cuts_in_two(plan)
         key = self.graphs.buckets_for(m, n, two) if self.graphs is not None else None
+        if two and key is None and self.graphs is not None and self.two_batch == "auto":
+            # no graph of the cut (fewer than 9 rows): an eager step would cost more than the overlap saves
+            two, key = False, self.graphs.buckets_for(m, n)
         split = (key[2] if key is not None else (n + 1) // 2) if two else 0
         self.two_batch_steps += bool(split)
         if n:  # the schedule goes first: the executor prepares its step while we prepare ours
