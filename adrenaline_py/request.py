@@ -27,6 +27,7 @@ class SamplingParams:
     temperature: float = 0.0        # 0 → greedy (the default, like TensorRT-LLM)
     top_k: int = 0                  # 0 → no top-k cut
     top_p: float = 1.0
+    min_p: float = 0.0              # keep tokens with probability >= min_p x the most likely one's (0 → off)
     seed: int = 0                   # drawn at random when the client gives none
     min_tokens: int = 0
     end_ids: tuple[int, ...] = ()   # tokens that end the sequence (``end_id`` or the model's EOS)
@@ -135,7 +136,7 @@ _SCALAR_INPUTS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 _JSON_KEYS = {
-    "max_tokens", "temperature", "top_k", "top_p", "seed", "min_tokens", "stop", "bad_words",
+    "max_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "min_tokens", "stop", "bad_words",
     "ignore_eos", "n", "stop_token_ids", "skip_special_tokens", "best_of", "use_beam_search",
     "repetition_penalty", "presence_penalty", "frequency_penalty", "length_penalty",
 }
@@ -319,8 +320,6 @@ def _vllm_json(p: dict[str, Any]) -> dict[str, Any]:
             raise InvalidRequest(f"sampling_parameters.{key} must be {kind}, got {v!r}") from None
     if out.pop("lora_name", None) is not None:
         raise InvalidRequest("LoRA feature is not enabled.")  # the vLLM backend's message
-    if out.pop("min_p", None) not in (None, 0, 0.0):
-        raise InvalidRequest("sampling_parameters.min_p is not supported (only 0)")
     for key in ("logprobs", "prompt_logprobs"):
         if out.pop(key, None) is not None:
             raise InvalidRequest(f"sampling_parameters.{key} is not supported: log probabilities are not returned")
@@ -352,7 +351,7 @@ def _from_json(p: dict[str, Any]) -> dict[str, Any]:
 
     for key in ("max_tokens", "top_k", "seed", "min_tokens", "n", "best_of"):
         number(key, int)
-    for key in ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
+    for key in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
                 "length_penalty"):
         number(key, float)
     if out.pop("n", 1) != 1 or out.pop("best_of", 1) not in (1, None) or p.get("use_beam_search"):
@@ -395,6 +394,9 @@ def check_ranges(s: dict[str, Any], limits: Limits) -> None:
     p = s.get("top_p", 1.0)
     if not (0.0 < p <= 1.0):
         raise InvalidRequest(f"top_p must be in (0, 1], got {p}")
+    m = s.get("min_p", 0.0)
+    if not (0.0 <= m <= 1.0):
+        raise InvalidRequest(f"min_p must be in [0, 1], got {m}")
     if s.get("min_tokens", 0) < 0:
         raise InvalidRequest(f"min_tokens must be >= 0, got {s['min_tokens']}")
     if s.get("min_tokens", 0) > max_tokens:
@@ -439,6 +441,7 @@ def finish_params(
         temperature=settings.get("temperature", defaults.get("temperature", 0.0)),
         top_k=settings.get("top_k", 0),
         top_p=settings.get("top_p", 1.0),
+        min_p=settings.get("min_p", 0.0),
         seed=seed,
         min_tokens=settings.get("min_tokens", 0),
         end_ids=tuple(dict.fromkeys((*end_ids, *extra))),

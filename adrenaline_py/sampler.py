@@ -1,5 +1,5 @@
 """The one sampler: logits processing (min tokens, bad words, repetition / presence / frequency
-penalties), greedy, temperature, top-k, top-p.
+penalties), greedy, temperature, min-p, top-k, top-p.
 
 Vectorized: the whole batch is processed with batched tensor ops on the logits' device and the
 chosen tokens come back to the host in one transfer; no per-row loop touches the logits.
@@ -175,6 +175,12 @@ def _sample_rows(scores: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     ps = [r.params for r in rows]
     temps = torch.tensor([p.temperature for p in ps], dtype=torch.float32).to(dev)
     scores = scores / temps[:, None]
+    if any(p.min_p > 0 for p in ps):
+        # min-p first, as vLLM's sampler: drop tokens less likely than min_p x the most likely one
+        # (a score under the row's best + log(min_p)); top-k and top-p then see what is left
+        min_p = torch.tensor([p.min_p for p in ps], dtype=torch.float32).to(dev)
+        floor = scores.max(dim=-1).values + torch.log(min_p)  # log(0) = -inf: no cut
+        scores = scores.masked_fill(scores < floor[:, None], float("-inf"))
     cut_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in ps]
     cut_p = [p.top_p for p in ps]
     threshold = None

@@ -117,7 +117,7 @@ def test_vllm_defaults_are_vllms():
     ({"max_tokens": "ten"}, "max_tokens must be an integer, got 'ten'"),
     ({"ignore_eos": "maybe"}, "ignore_eos must be a boolean"),
     ({"lora_name": "x"}, "LoRA feature is not enabled."),
-    ({"min_p": "0.1"}, "min_p is not supported"),
+    ({"min_p": "1.5"}, r"min_p must be in \[0, 1\]"),
     ({"logprobs": 2}, "logprobs is not supported"),
     ({"include_stop_str_in_output": True}, "include_stop_str_in_output=true is not supported"),
     ({"n": "2"}, "only n=1"),
@@ -127,6 +127,11 @@ def test_vllm_defaults_are_vllms():
 def test_vllm_requests_that_cannot_be_honoured_are_rejected(sampling, message):
     with pytest.raises(InvalidRequest, match=message):
         vllm(**sampling)
+
+
+def test_vllm_min_p_is_taken_from_its_string():
+    assert vllm(min_p="0.1").sampling.min_p == pytest.approx(0.1)
+    assert vllm().sampling.min_p == 0.0
 
 
 def test_vllm_keys_at_their_default_are_accepted():

@@ -236,8 +236,8 @@ def test_blank_json_is_ignored():
 
 
 def test_unknown_json_keys_are_rejected_and_named():
-    with pytest.raises(InvalidRequest, match=r"\['min_p', 'zzz'\]"):
-        parse(sampling_parameters=params_json(max_tokens=4, zzz=1, min_p=0.5))
+    with pytest.raises(InvalidRequest, match=r"\['xyz', 'zzz'\]"):
+        parse(sampling_parameters=params_json(max_tokens=4, zzz=1, xyz=0.5))
 
 
 @pytest.mark.parametrize("extra", [{"n": 2}, {"best_of": 3}, {"use_beam_search": True}])

@@ -128,6 +128,28 @@ def test_top_k_and_top_p_combine():
     assert set(tokens) == {1, 2}
 
 
+def test_min_p_keeps_the_tokens_at_least_min_p_times_as_likely_as_the_best():
+    # the best is 0.4: min_p 0.5 keeps probabilities >= 0.2 (0.4, 0.25, 0.2), renormalised
+    tokens = draws(logits_of(PROBS), params(temperature=1.0, min_p=0.5, seed=6))
+    assert set(tokens) == {1, 2, 3}
+    expected = np.array([0.0, 0.4, 0.25, 0.2, 0.0]) / 0.85
+    assert np.abs(frequencies(tokens, 5) - expected).max() < 0.05
+
+
+def test_min_p_applies_before_top_p_as_in_vllm():
+    # min_p 0.3 keeps 0.4, 0.25, 0.2 (renormalised 0.47, 0.29, 0.24); top_p 0.7 then keeps two.
+    # Without min_p first, top_p 0.7 over the full distribution would keep three (0.4 + 0.25 < 0.7).
+    tokens = draws(logits_of(PROBS), params(temperature=1.0, min_p=0.3, top_p=0.7, seed=8))
+    assert set(tokens) == {1, 2}
+
+
+def test_min_p_is_measured_after_the_temperature():
+    # temperature 0.5 squares the odds: 0.4^2 = 0.16, 0.25^2 = 0.0625, 0.2^2 = 0.04, 0.1^2 = 0.01;
+    # min_p 0.3 keeps probabilities >= 0.3 x the best's, i.e. odds >= 0.048: tokens 1 and 2.
+    tokens = draws(logits_of(PROBS), params(temperature=0.5, min_p=0.3, seed=10))
+    assert set(tokens) == {1, 2}
+
+
 def test_min_tokens_bans_end_ids_until_reached_greedy():
     logits = logits_of([0.1, 0.05, 0.6, 0.25])   # end ids 2 and 3 are the two best
     p = params(min_tokens=3, end_ids=(2, 3))

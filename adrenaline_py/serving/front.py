@@ -187,7 +187,7 @@ def _guard_error(request: web.BaseRequest, status: int, message: str, code: str)
 _IGNORED = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key",
                       "safety_identifier"})
 # vLLM's extensions, passed on as `sampling_parameters` keys (the server validates them).
-_EXTENSIONS = ("top_k", "min_tokens", "ignore_eos", "stop_token_ids")
+_EXTENSIONS = ("top_k", "min_p", "min_tokens", "ignore_eos", "stop_token_ids")
 _COMMON = frozenset({"model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "seed",
                      "stop", "n", "presence_penalty", "frequency_penalty", "logit_bias", *_EXTENSIONS,
                      *_IGNORED})
