@@ -173,34 +173,35 @@ def _sample_rows(scores: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """[S, V] fp32 logits of sampled rows → [S] token ids: temperature, top-k, top-p, Gumbel-max."""
     dev, vocab = scores.device, scores.shape[-1]
     ps = [r.params for r in rows]
-    temps = torch.tensor([p.temperature for p in ps], dtype=torch.float32).to(dev)
+    cut_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in ps]
+    keys = _row_keys([p.seed for p in ps], [len(r.output_ids) for r in rows])
+    # Every per-row setting in one host-to-device copy (a copy from pageable memory waits for the
+    # stream; float64 holds each value exactly, the 32-bit keys and top-k included).
+    settings = torch.tensor([[p.temperature, p.min_p, p.top_p, k] for p, k in zip(ps, cut_k)], dtype=torch.float64)
+    on_dev = torch.cat([settings, keys[:, None].double()], dim=1).to(dev)
+    temps, min_p, top_p = (on_dev[:, i].float() for i in range(3))
+    k, keys = on_dev[:, 3].long(), on_dev[:, 4].long()
     scores = scores / temps[:, None]
     if any(p.min_p > 0 for p in ps):
         # min-p first, as vLLM's sampler: drop tokens less likely than min_p x the most likely one
         # (a score under the row's best + log(min_p)); top-k and top-p then see what is left
-        min_p = torch.tensor([p.min_p for p in ps], dtype=torch.float32).to(dev)
         floor = scores.max(dim=-1).values + torch.log(min_p)  # log(0) = -inf: no cut
         scores = scores.masked_fill(scores < floor[:, None], float("-inf"))
-    cut_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in ps]
-    cut_p = [p.top_p for p in ps]
     threshold = None
-    if min(cut_k) < vocab or min(cut_p) < 1.0:
+    if min(cut_k) < vocab or min(p.top_p for p in ps) < 1.0:
         # One batched sort of the values: keep each row's top-k, then the smallest prefix whose mass
         # (renormalised over the top-k) reaches top-p; always at least the best token. What is kept
         # is every token scoring at least the last kept one (ties at that score are all kept).
         ordered = torch.sort(scores, dim=-1, descending=True).values
-        k = torch.tensor(cut_k, dtype=torch.int64).to(dev)
         kept = k
-        if min(cut_p) < 1.0:
+        if min(p.top_p for p in ps) < 1.0:
             probs = ordered.masked_fill(torch.arange(vocab, device=dev)[None, :] >= k[:, None], float("-inf"))
             probs = probs.softmax(-1)
-            top_p = torch.tensor(cut_p, dtype=torch.float32).to(dev)
             kept = torch.minimum(k, ((probs.cumsum(-1) - probs) < top_p[:, None]).sum(-1))  # a prefix
         threshold = ordered.gather(1, (kept.clamp(min=1) - 1)[:, None]).squeeze(1)
-    keys = _row_keys([p.seed for p in ps], [len(r.output_ids) for r in rows])
     if runs_triton(scores) and _fused["ok"]:
         try:
-            return gumbel_argmax(scores, keys.to(dev), threshold)
+            return gumbel_argmax(scores, keys, threshold)
         except Exception as e:  # a kernel that does not build here: the torch path draws the same tokens
             _fused["ok"] = False
             log.warning("sampler: the fused Gumbel-max kernel failed (%s: %s); using the torch path",
