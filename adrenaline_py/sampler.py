@@ -76,8 +76,12 @@ def _row_keys(seeds: list[int], indices: list[int]) -> torch.Tensor:
 
 def gumbel_noise(seeds: list[int], indices: list[int], vocab: int, device: torch.device) -> torch.Tensor:
     """[B, V] float32 Gumbel noise, a pure function of each row's (seed, output index) and the token id."""
-    key = _row_keys(seeds, indices).to(device)
-    tok = _token_hashes(vocab, device)
+    return _noise_of(_row_keys(seeds, indices).to(device), vocab)
+
+
+def _noise_of(key: torch.Tensor, vocab: int) -> torch.Tensor:
+    """`gumbel_noise` from the rows' keys (`_row_keys`, on the noise's device)."""
+    tok = _token_hashes(vocab, key.device)
     bits = _hash32(key[:, None] ^ tok[None, :])
     u = ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))   # 24 bits: exact in float32, in (0, 1)
     return -torch.log(-torch.log(u))
@@ -188,13 +192,14 @@ def _sample_rows(scores: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         floor = scores.max(dim=-1).values + torch.log(min_p)  # log(0) = -inf: no cut
         scores = scores.masked_fill(scores < floor[:, None], float("-inf"))
     threshold = None
-    if min(cut_k) < vocab or min(p.top_p for p in ps) < 1.0:
+    cut_p = min(p.top_p for p in ps) < 1.0
+    if min(cut_k) < vocab or cut_p:
         # One batched sort of the values: keep each row's top-k, then the smallest prefix whose mass
         # (renormalised over the top-k) reaches top-p; always at least the best token. What is kept
         # is every token scoring at least the last kept one (ties at that score are all kept).
         ordered = torch.sort(scores, dim=-1, descending=True).values
         kept = k
-        if min(p.top_p for p in ps) < 1.0:
+        if cut_p:
             probs = ordered.masked_fill(torch.arange(vocab, device=dev)[None, :] >= k[:, None], float("-inf"))
             probs = probs.softmax(-1)
             kept = torch.minimum(k, ((probs.cumsum(-1) - probs) < top_p[:, None]).sum(-1))  # a prefix
@@ -208,7 +213,7 @@ def _sample_rows(scores: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
                         type(e).__name__, e)
     if threshold is not None:
         scores = scores.masked_fill(scores < threshold[:, None], float("-inf"))
-    return (scores + gumbel_noise([p.seed for p in ps], [len(r.output_ids) for r in rows], vocab, dev)).argmax(-1)
+    return (scores + _noise_of(keys, vocab)).argmax(-1)
 
 
 # --- CUDA: noise and argmax in one pass ------------------------------------------------------------

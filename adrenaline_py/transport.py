@@ -197,6 +197,11 @@ class ExchangeBuffers:
                 rows[:, qd:qd + kd].view(n, self.num_kv_heads, self.head_dim),
                 rows[:, qd + kd:].view(n, self.num_kv_heads, self.head_dim))
 
+    def views(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v and out of a batch's exchange rows (what its attention reads and writes)."""
+        q, k, v = self.split(batch.rows, batch.row0)
+        return q, k, v, self.out[batch.row0:batch.row0 + batch.rows]
+
     def store_rows(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row0: int = 0) -> None:
         """Write the rows' q/k/v from row ``row0`` on: one copy when they are adjacent views of one qkv
         row (the model's case)."""
@@ -616,6 +621,11 @@ class Batch:
     attend: Attend
 
 
+def batch_cuts(rows: int, split: int) -> list[tuple[int, int]]:
+    """The (start, end) rows of a step's batches: two when ``split`` cuts it, else one."""
+    return [(0, split), (split, rows)] if 0 < split < rows else [(0, rows)]
+
+
 class ExecutorEndpoint(ABC):
     """The executor's end of one decode connection: decode's exchange buffers, attached on HELLO."""
 
@@ -628,10 +638,6 @@ class ExecutorEndpoint(ABC):
     def run_step(self, batches: list[Batch]) -> None:
         """Serve one step's layers for its batches (one, or two in a two-batch step)."""
 
-    def layer_views(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        q, k, v = self.buffers.split(batch.rows, batch.row0)
-        return q, k, v, self.buffers.out[batch.row0:batch.row0 + batch.rows]
-
     def abort(self) -> None:
         """The connection ended: make sure no device work of this connection is left waiting."""
         return None
@@ -639,7 +645,7 @@ class ExecutorEndpoint(ABC):
 
 class HostEndpoint(ExecutorEndpoint):
     def run_step(self, batches) -> None:
-        views = [self.layer_views(b) for b in batches]
+        views = [self.buffers.views(b) for b in batches]
         for _ in range(self.model.num_hidden_layers * len(batches)):
             kind, slot = self.channel.read_frame()
             if kind != _LAYER:
@@ -680,10 +686,7 @@ def enqueue_step(buffers: ExchangeBuffers, num_layers: int, batches: list[Batch]
     """The executor's device work of one step over ``buffers``: layer by layer, batch by batch (the
     order decode sends them in), wait for decode's flag, attend, signal; ``dry``: no waits or signals."""
     b = buffers
-    views = []
-    for batch in batches:
-        q, k, v = b.split(batch.rows, batch.row0)
-        views.append((q, k, v, b.out[batch.row0:batch.row0 + batch.rows]))
+    views = [b.views(batch) for batch in batches]
     for layer in range(num_layers):
         for part, batch in enumerate(batches):
             slot = b.slot(layer, part)

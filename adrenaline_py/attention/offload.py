@@ -34,6 +34,12 @@ class OffloadDecodeMetadata:
     row0: int = 0
 
 
+def two_batch_metadata(rows: int, split: int) -> tuple[OffloadDecodeMetadata, OffloadDecodeMetadata]:
+    """The metadata of an all-offloaded step of ``rows`` rows cut at ``split`` into two batches."""
+    return (OffloadDecodeMetadata(None, 0, split, part=0, row0=0),
+            OffloadDecodeMetadata(None, 0, rows - split, part=1, row0=split))
+
+
 class OffloadAttentionBackend(AttentionBackend):
     def __init__(self, local: AttentionBackend, remote: OffloadTransport) -> None:
         self.local = local

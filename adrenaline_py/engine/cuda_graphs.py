@@ -33,9 +33,9 @@ from collections.abc import Callable
 import torch
 
 from adrenaline_py.attention import AttentionBackend, DecodeMetadata
-from adrenaline_py.attention.offload import OffloadAttentionBackend, OffloadDecodeMetadata
+from adrenaline_py.attention.offload import OffloadAttentionBackend, OffloadDecodeMetadata, two_batch_metadata
 from adrenaline_py.models.llama import LlamaForCausalLM
-from adrenaline_py.transport import Batch, ExchangeBuffers, enqueue_step
+from adrenaline_py.transport import Batch, ExchangeBuffers, batch_cuts, enqueue_step
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 # As fine as the local buckets from 8 rows up: decode's dense layers run over both buckets' rows,
@@ -217,9 +217,7 @@ class DecodeGraphs:
     def _forward(self, mb: int, nb: int, split: int) -> torch.Tensor:
         ids, positions, lens, rows = (t.contiguous() for t in self.inputs.values[: mb + nb].unbind(1))
         if split:
-            metas = (OffloadDecodeMetadata(None, 0, split, part=0, row0=0),
-                     OffloadDecodeMetadata(None, 0, nb - split, part=1, row0=split))
-            return self.model.forward_two_batches(ids, positions, self.backend, metas, split)
+            return self.model.forward_two_batches(ids, positions, self.backend, two_batch_metadata(nb, split), split)
         local = None
         if mb:
             tables = self.inputs.tables[rows[:mb]]
@@ -298,8 +296,7 @@ class ExecutorGraphs:
         return DecodeMetadata(self.kv, tables, lens, slots, self.max_model_len)
 
     def _batches(self, nb: int, split: int) -> list[Batch]:
-        cuts = [(0, split), (split, nb)] if split else [(0, nb)]
-        return [Batch(a, b - a, self.attend_with(self._meta(a, b))) for a, b in cuts]
+        return [Batch(a, b - a, self.attend_with(self._meta(a, b))) for a, b in batch_cuts(nb, split)]
 
     def load_kernels(self, buffers: ExchangeBuffers, num_layers: int) -> None:
         """Run every captured shape's work once, dry, over scratch exchange ``buffers`` of decode's

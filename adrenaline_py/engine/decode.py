@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from adrenaline_py.attention import AttentionBackend, DecodeMetadata, build_decode_metadata
-from adrenaline_py.attention.offload import OffloadAttentionBackend, OffloadDecodeMetadata
+from adrenaline_py.attention.offload import OffloadAttentionBackend, OffloadDecodeMetadata, two_batch_metadata
 from adrenaline_py.attention.triton_decode import TritonAttentionBackend
 from adrenaline_py.config import TWO_BATCH_MODES
 from adrenaline_py.engine.cuda_graphs import DecodeGraphs
@@ -375,9 +375,8 @@ class DecodeRunner:
             input_ids = torch.tensor([s.output_ids[-1] for s in seqs], dtype=torch.long, device=dev)
             positions = torch.tensor([s.num_tokens - 1 for s in seqs], dtype=torch.long, device=dev)
             if split:
-                metas = (OffloadDecodeMetadata(None, 0, split, part=0, row0=0),
-                         OffloadDecodeMetadata(None, 0, n - split, part=1, row0=split))
-                hidden = self.model.forward_two_batches(input_ids, positions, self.backend, metas, split)
+                hidden = self.model.forward_two_batches(input_ids, positions, self.backend,
+                                                        two_batch_metadata(n, split), split)
             else:
                 local_meta = self._local_metadata(plan.local) if plan.local else None
                 hidden = self.model(input_ids, positions, self.backend, OffloadDecodeMetadata(local_meta, m, n))

@@ -37,6 +37,7 @@ from adrenaline_py.transport import (
     ExecutorEndpoint,
     OffloadServer,
     OffloadStep,
+    batch_cuts,
     make_endpoint,
 )
 
@@ -162,11 +163,9 @@ class AttentionExecutor:
 
     def _batches(self, tables: list[list[int]], seq_lens: list[int], split: int) -> list[Batch]:
         """The step's rows as one batch, or two (rows [0, split) and the rest) in a two-batch step."""
-        n = len(seq_lens)
-        cuts = [(0, split), (split, n)] if 0 < split < n else [(0, n)]
         return [Batch(a, b - a, self._attend_with(build_decode_metadata(self.pool.kv, tables[a:b], seq_lens[a:b],
                                                                           self.device)))
-                for a, b in cuts]
+                for a, b in batch_cuts(len(seq_lens), split)]
 
     def _attend_with(self, meta: DecodeMetadata):
         """The per-layer work for rows described by ``meta``: store their k/v in this pool, attention into out."""
