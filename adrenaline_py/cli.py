@@ -22,7 +22,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="default: float32 on cpu, bfloat16 on cuda")
     g = p.add_argument_group("offloading")
-    g.add_argument("--offload", default=d.offload, help="never | always | auto | ratio:R (0 <= R <= 1)")
+    g.add_argument("--offload", default=d.offload,
+                   help="never | always | auto | spill | ratio:R (0 <= R <= 1); spill: auto's rule applied only "
+                   "to what decode's pool cannot hold")
     g.add_argument("--offload-bound", type=float, default=d.offload_bound,
                    help="auto: offloaded load / local load the executor can hide (OB); default: from the GPU's "
                         "profile (min(OB_mem, OB_comp)), else the executor / decode KV capacity ratio")

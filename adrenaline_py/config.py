@@ -131,7 +131,7 @@ NAMED_SHAPES: dict[str, ModelConfig] = {
 }
 
 
-OFFLOAD_MODES = ("never", "always", "auto")
+OFFLOAD_MODES = ("never", "always", "auto", "spill")
 TWO_BATCH_MODES = ("auto", "on", "off")
 CPU_POOL_BLOCKS = 1024          # blocks of each KV pool on cpu when not given
 # MPS shares without a profile or without --ttft-slo. Measured on an H200 (docs/performance.md,
@@ -154,7 +154,7 @@ class EngineConfig:
     prefill_gpu: int = 0
     decode_gpu: int = 0
     dtype: str = "float32"             # float32 on CPU; bfloat16 / float16 on GPU
-    offload: str = "auto"              # never | always | auto | ratio:R
+    offload: str = "auto"              # never | always | auto | spill | ratio:R
     max_model_len: int = 2048          # prompt + generated tokens per request
     max_tokens_limit: int = 1024       # largest max_tokens a request may ask for
     default_max_tokens: int = 16
@@ -196,7 +196,7 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.offload not in OFFLOAD_MODES:
             if not self.offload.startswith("ratio:"):
-                raise ValueError(f"offload must be never|always|auto|ratio:R, got {self.offload!r}")
+                raise ValueError(f"offload must be never|always|auto|spill|ratio:R, got {self.offload!r}")
             ratio = float(self.offload.split(":", 1)[1])
             if not 0.0 <= ratio <= 1.0:
                 raise ValueError(f"offload ratio must be in [0, 1], got {ratio}")

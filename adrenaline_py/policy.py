@@ -15,6 +15,14 @@ offloaded only if
 
 The aim: the executor's attention, at its bandwidth, finishes no later than the local attention
 it overlaps with. Without local load nothing is offloaded (OB × 0 = 0).
+
+``spill`` applies the same rule only to what decode cannot hold: a new request stays local while
+decode's pool has room for it, and goes to the executor (within OB: room, C1, C2) only when it has
+not; a request that fits neither waits. Offloaded rows are not free: each costs decode the
+exchange and its share of the 2-D graph buckets' padding, which short contexts do not repay
+(ShareGPT on two H200s, docs/performance.md: `auto` offloaded 45 % of the rows below decode's KV
+limit and its time per output token rose from 26 to 40 ms). ``spill`` equals ``never`` until
+decode's memory binds, and adds the executor's memory after.
 """
 
 from __future__ import annotations
@@ -61,6 +69,8 @@ class OffloadPolicy:
             return math.floor((i + 1) * self.ratio + 1e-9) > math.floor(i * self.ratio + 1e-9)
         if num_blocks > remote.num_free_blocks:
             return False
+        if self.mode == "spill" and num_blocks <= local.num_free_blocks:
+            return False  # decode holds it: local first
         current = num_tokens if prompt_tokens is None else prompt_tokens
         ob = self.bound
         c1 = remote.reserved_tokens + num_tokens <= ob * local.reserved_tokens
@@ -70,5 +80,11 @@ class OffloadPolicy:
 
     @property
     def is_strict(self) -> bool:
-        """Whether the decision must be kept when its pool is full (else fall back to the other)."""
+        """Whether the decision must be kept when its pool is full (else fall back to the other).
+        ``spill`` falls back from the executor to decode, never from decode to the executor past OB."""
         return self.mode in ("never", "always")
+
+    @property
+    def reconsiders(self) -> bool:
+        """Whether a waiting request's pool is decided again at each try (the loads change meanwhile)."""
+        return self.mode == "spill"

@@ -1,4 +1,4 @@
-"""The offload policy (never / always / ratio:R / auto) and admission into the KV pools."""
+"""The offload policy (never / always / ratio:R / auto / spill) and admission into the KV pools."""
 
 import math
 import threading
@@ -150,6 +150,49 @@ def test_auto_keeps_requests_local_when_c1_fails_and_uses_the_executor_when_deco
     assert adm.admit(4, 4).pool == "executor"     # not strict: the other pool takes it
 
 
+def test_spill_keeps_requests_local_while_decode_has_room(pools):
+    adm = admission(pools, "spill")
+    assert [adm.admit(4, 4).pool for _ in range(4)] == ["decode"] * 4   # 2 blocks each: decode's 8
+    assert pools["executor"].num_free == 4 and pools["executor"].num_seqs == 0
+
+
+def test_spill_sends_what_decode_cannot_hold_to_the_executor_within_the_bound(pools):
+    adm = admission(pools, "spill")
+    for _ in range(4):
+        adm.admit(4, 4)                    # decode full: 4 requests, 32 tokens reserved, 16 now
+    assert adm.admit(4, 4).pool == "executor"   # C1: 8 <= 32; C2: 4 <= 16, 1 <= 4
+    assert adm.admit(4, 4).pool == "executor"
+
+
+def test_spill_waits_for_decode_rather_than_exceed_the_bound(pools):
+    adm = Admission(lambda name: pools[name], OffloadPolicy("spill", bound=0.1), BLOCK, 0.05, poll_s=0.002)
+    held = [adm.admit(4, 4) for _ in range(4)]   # decode full; OB x 32 reserved = 3.2 tokens < 8
+    with pytest.raises(AdmissionTimeout):
+        adm.admit(4, 4)
+    assert pools["executor"].num_free == 4       # no fallback past the bound
+    adm.timeout_s = 5.0
+    timer = threading.Timer(0.05, adm.release, args=(held[0],))
+    timer.start()
+    try:
+        assert adm.admit(4, 4).pool == "decode"  # decided again while waiting: decode's room came back
+    finally:
+        timer.cancel()
+
+
+def test_spill_uses_the_executor_once_the_bound_allows_it_while_a_request_waits(pools):
+    adm = Admission(lambda name: pools[name], OffloadPolicy("spill", bound=0.5), BLOCK, 5.0, poll_s=0.002)
+    assert adm.admit(12, 12).pool == "decode"     # 6 of decode's 8 blocks; 2 left
+    result = {}
+    waiter = threading.Thread(target=lambda: result.update(t=adm.admit(6, 6)))  # 3 blocks: not in decode
+    waiter.start()
+    time.sleep(0.05)
+    # waiting: C2's batch term fails (0 + 1 > 0.5 x 1 local request)
+    assert "t" not in result and pools["executor"].num_free == 4
+    pools["decode"].allocate(2, 8, 4)             # a second local request (decode full): now 1 <= 0.5 x 2,
+    waiter.join(5.0)                              # C1 12 <= 0.5 x 32, C2 6 <= 0.5 x 16
+    assert result["t"].pool == "executor"
+
+
 def test_ratio_falls_back_to_decode_when_the_executor_pool_is_full(pools):
     adm = admission(pools, "ratio:1", timeout_s=5.0)
     fill(pools["executor"])
@@ -193,7 +236,7 @@ def test_strict_admission_waits_for_blocks_to_be_released(pools):
 
 def test_request_larger_than_every_pool_is_invalid_at_once(pools):
     start = time.monotonic()
-    for mode in ("never", "always", "auto", "ratio:0.5"):
+    for mode in ("never", "always", "auto", "spill", "ratio:0.5"):
         with pytest.raises(InvalidRequest, match="needs 9 KV blocks"):
             admission(pools, mode, timeout_s=10).admit(30, 6)   # 36 tokens = 9 blocks > 8
     assert time.monotonic() - start < 1.0

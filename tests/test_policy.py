@@ -64,6 +64,16 @@ def test_nothing_is_offloaded_without_local_load():
     assert not auto(1, 1, local=replace(LOCAL, current_tokens=0), remote=replace(REMOTE, current_tokens=0))
 
 
+def test_spill_offloads_only_what_decode_has_no_room_for():
+    def spill(local_free, **kw):
+        return OffloadPolicy("spill", 1.0).should_offload(700, 3, replace(LOCAL, num_free_blocks=local_free),
+                                                          kw.get("remote", REMOTE), 10)
+    assert not spill(3)                      # decode has room: local first, though C1 and C2 hold
+    assert spill(2)                          # no room: auto's rule (700 + 300 <= 1000)
+    assert not spill(2, remote=replace(REMOTE, reserved_tokens=301))   # ... and C1 still binds
+    assert auto(700, 10, blocks=3)           # auto offloads it whatever decode's room
+
+
 def test_never_always_and_ratio_ignore_the_loads():
     full = PoolLoad(num_seqs=99, reserved_tokens=10**6, num_free_blocks=0, current_tokens=10**6)
     empty = PoolLoad(0, 0, 0, 0)

@@ -77,17 +77,10 @@ class Admission:
         """
         reserved = num_prompt_tokens + max_tokens
         n = blocks_needed(reserved, self.block_size)
-        use_executor = self._uses_executor and self.executor_alive()
-        local, remote = self._allocators("decode"), self._allocators("executor") if use_executor else None
-        offload = self.policy.should_offload(
-            reserved, n, _load(local), _load(remote) if remote else PoolLoad(0, 0, 0), num_prompt_tokens
-        )
-        order = ["executor", "decode"] if offload and remote else ["decode", "executor"]
-        if remote is None:
-            order = ["decode"]  # no executor (never, or it is down): everything runs locally
-        elif self.policy.is_strict:
-            order = order[:1]
+        order = self._order(reserved, n, num_prompt_tokens)
         capacity = {name: self._allocators(name).num_blocks for name in order}
+        if self.policy.reconsiders and "executor" not in order and self._executor_up():
+            capacity["executor"] = self._allocators("executor").num_blocks  # it may be chosen later
         if all(n > c for c in capacity.values()):
             self.rejected["too_large"] += 1
             raise InvalidRequest(
@@ -118,6 +111,8 @@ class Admission:
                 first = me.wait(CANCEL_CHECK_S)  # woken once, by the request ahead leaving the queue
                 if first:
                     time.sleep(self.poll_s)
+                    if self.policy.reconsiders:  # decode's room and OB's margin change while we wait
+                        order = self._order(reserved, n, num_prompt_tokens)
                     if any(n <= self._allocators(name).num_free for name in order):  # no lock to read
                         ticket = self._try(order, capacity, n, reserved, num_prompt_tokens)
                         if ticket is not None:
@@ -140,10 +135,25 @@ class Admission:
                 if self._queue:
                     self._queue[0].set()
 
+    def _executor_up(self) -> bool:
+        return self._uses_executor and self.executor_alive()
+
+    def _order(self, reserved: int, n: int, prompt: int) -> list[str]:
+        """The pools to try, in order, for a request of ``n`` blocks (``reserved`` tokens at most)."""
+        local, remote = self._allocators("decode"), self._allocators("executor") if self._executor_up() else None
+        if remote is None:
+            return ["decode"]  # no executor (never, or it is down): everything runs locally
+        offload = self.policy.should_offload(reserved, n, _load(local), _load(remote), prompt)
+        if self.policy.is_strict:
+            return ["executor"] if offload else ["decode"]
+        if self.policy.reconsiders:  # spill: the executor only as the policy allows, decode as fallback
+            return ["executor", "decode"] if offload else ["decode"]
+        return ["executor", "decode"] if offload else ["decode", "executor"]
+
     def _try(self, order: list[str], capacity: dict[str, int], n: int, reserved: int, prompt: int) -> Ticket | None:
         for name in order:
             allocator = self._allocators(name)
-            if n <= capacity[name] and (blocks := allocator.allocate(n, reserved, prompt)) is not None:
+            if n <= capacity.get(name, 0) and (blocks := allocator.allocate(n, reserved, prompt)) is not None:
                 return Ticket(name, blocks, reserved, allocator)
         return None
 
