@@ -554,6 +554,40 @@ def test_pyspy_summary_puts_threads_in_roles_and_counts_leaf_frames():
     assert leaves[("output", "Role._send (role_decode.py:3)")] == 60
 
 
+def _timed(i, send, end):
+    return bs.RequestRecord(i, 8, 4, send_s=send, end_s=end, ttft_s=0.1, e2e_s=None if end is None else end - send,
+                            num_output_tokens=4, finish_reason=None if end is None else "length")
+
+
+def test_in_flight_levels_off_under_a_sustained_load_and_grows_past_it():
+    sends = [i * 0.1 for i in range(100)]                      # 10 req/s for 10 s
+    sustained = [_timed(i, t, t + 1.0) for i, t in enumerate(sends)]   # each takes 1 s: ~10 in flight
+    trend = bs.in_flight_trend(sustained, 9.9)
+    assert trend["steady"] and trend["at_half"] == trend["at_end"] == 10
+    queued = [_timed(i, t, t + 1.0 + t) for i, t in enumerate(sends)]  # each waits as long as it was sent late
+    trend = bs.in_flight_trend(queued, 9.9)
+    assert not trend["steady"] and trend["growth"] == pytest.approx(trend["at_end"] / trend["at_half"])
+    assert trend["at_end"] > 1.5 * trend["at_half"]
+    unfinished = [_timed(i, t, None) for i, t in enumerate(sends)]      # nothing ends: all still in flight
+    assert bs.in_flight_trend(unfinished, 9.9)["at_end"] == 100
+
+
+def test_a_sweep_says_when_its_capacity_run_was_not_steady():
+    sends = [i * 0.1 for i in range(100)]
+    growing = [_timed(i, t, t + 1.0 + t) for i, t in enumerate(sends)]
+    summary = bs.summarize(growing, 30.0, 3000.0, None, steady_window=(2.5, 9.9))
+    assert summary["in_flight"]["steady"] is False and summary["slo"]["attainment"] == 1.0
+    run = {"request_rate": 10.0, "summary": summary}
+    assert bs.slo_capacity([run])["steady"] is False
+    text = bs.format_sweep([run])
+    assert "not steady" in text and "!" in text.splitlines()[1]
+    assert "NOT STEADY" in bs.format_summary({**run, "label": "x", "server_metrics": {}, "concurrency": None,
+                                              "trace_replay": False})
+    steady = bs.summarize([_timed(i, t, t + 1.0) for i, t in enumerate(sends)], 30.0, 3000.0, None, (2.5, 9.9))
+    assert bs.slo_capacity([{"request_rate": 10.0, "summary": steady}])["steady"] is True
+    assert "not steady" not in bs.format_sweep([{"request_rate": 10.0, "summary": steady}])
+
+
 def test_slo_capacity_is_the_best_throughput_among_runs_that_attain_the_target():
     def run(rate, tok_s, attainment):
         return {"request_rate": rate, "summary": {"output_throughput": tok_s, "slo": {"attainment": attainment}}}

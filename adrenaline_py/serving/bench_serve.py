@@ -185,7 +185,8 @@ def summarize(records: list[RequestRecord], duration_s: float, ttft_slo_ms: floa
 
     ``steady_window`` (seconds from the start): ``steady_output_throughput`` counts the output tokens
     that arrived within it, of every request, per second: the rate while load is steady, without
-    the ramp-up and the drain at the end that the whole-run throughput includes."""
+    the ramp-up and the drain at the end that the whole-run throughput includes; ``in_flight`` says
+    whether the load was steady at all (`in_flight_trend`)."""
     done = [r for r in records if r.is_ok]
     num_out = sum(r.num_output_tokens for r in done)
     num_in = sum(r.num_input_tokens if r.num_input_tokens is not None else r.input_len for r in done)
@@ -216,6 +217,7 @@ def summarize(records: list[RequestRecord], duration_s: float, ttft_slo_ms: floa
         },
         "errors": dict(errors.most_common(10)),
         **_steady(records, steady_window),
+        **({"in_flight": in_flight_trend(records, steady_window[1])} if steady_window else {}),
     }
 
 
@@ -225,6 +227,30 @@ def _steady(records: list[RequestRecord], window: tuple[float, float] | None) ->
     a, b = window
     tokens = sum(n for r in records for t, n in r.token_arrivals if a <= t <= b)
     return {"steady_window_s": [a, b], "steady_output_throughput": tokens / (b - a)}
+
+
+# A run whose requests in flight grew by more than this over the second half of its sending was not
+# in a steady state: past the sustainable rate, or too short for its requests' lengths.
+STEADY_GROWTH = 1.2
+
+
+def in_flight(records: list[RequestRecord], t: float) -> int:
+    """Requests sent by ``t`` (s from the start) and not ended by then."""
+    return sum(1 for r in records if r.send_s <= t and (r.end_s is None or r.end_s > t))
+
+
+def in_flight_trend(records: list[RequestRecord], last_send_s: float) -> dict[str, Any]:
+    """Requests in flight at half and at the end of the sending time, and whether the run was steady.
+
+    Under a load the server sustains, the number of requests in flight levels off once the first
+    requests end (Little's law); past that rate, or in a run shorter than its requests take to level
+    off, it keeps growing, and SLO attainment then depends on how long the run lasted (a longer run
+    would queue more). A closed loop holds it constant by construction: its queue is in the server.
+    """
+    half, end = in_flight(records, last_send_s / 2), in_flight(records, last_send_s)
+    growth = end / half if half else None
+    return {"at_half": half, "at_end": end, "growth": growth,
+            "steady": growth is not None and growth <= STEADY_GROWTH}
 
 
 def steady_window(records: list[RequestRecord], rate: float, concurrency: int | None) -> tuple[float, float] | None:
@@ -823,6 +849,11 @@ def _f(x: Any, digits: int = 2) -> str:
     return str(x)
 
 
+def _in_flight_text(f: dict[str, Any]) -> str:
+    growth = f"x{f['growth']:.2f}" if f["growth"] is not None else "-"
+    return f"{f['at_half']} / {f['at_end']} ({growth}{'' if f['steady'] else ', NOT STEADY'})"
+
+
 def format_summary(result: dict[str, Any]) -> str:
     """A table of one run for the console."""
     s, m = result["summary"], result["server_metrics"]
@@ -841,6 +872,8 @@ def format_summary(result: dict[str, Any]) -> str:
         ("output throughput (tok/s)", _f(s["output_throughput"])),
         *([(f"  steady, {s['steady_window_s'][0]:.0f}-{s['steady_window_s'][1]:.0f} s (tok/s)",
             _f(s["steady_output_throughput"]))] if "steady_output_throughput" in s else []),
+        *([("requests in flight, half / end of sending", _in_flight_text(s["in_flight"]))]
+          if s.get("in_flight") else []),
         ("input throughput (tok/s)", _f(s["input_throughput"])),
         ("total input / output tokens", f"{s['total_input_tokens']} / {s['total_output_tokens']}"),
     ]
@@ -854,6 +887,10 @@ def format_summary(result: dict[str, Any]) -> str:
     if s["num_short_outputs"]:
         rows.append(("outputs shorter than asked", str(s["num_short_outputs"])))
     lines += [f"{k:<44}{v:>28}" for k, v in rows]
+    if s.get("in_flight") and not s["in_flight"]["steady"]:
+        lines.append(f"not steady: requests in flight grew more than x{STEADY_GROWTH:g} over the second half of "
+                     "sending (past the sustainable rate, or a run too short for these lengths); SLO "
+                     "attainment depends on the run's length")
     lines.append(f"{'latency (ms)':<16}{'mean':>11}{'p50':>11}{'p90':>11}{'p99':>11}{'max':>12}")
     for key, name in (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT"), ("itl_ms", "ITL"), ("e2e_ms", "E2E")):
         d = s[key]
@@ -906,19 +943,30 @@ def slo_capacity(results: list[dict[str, Any]], target: float = 0.9) -> dict[str
     if not ok:
         return None
     best = max(ok, key=lambda r: r["summary"]["output_throughput"])
-    return {"target": target, "request_rate": best["request_rate"],
-            "output_throughput": best["summary"]["output_throughput"]}
+    cap = {"target": target, "request_rate": best["request_rate"],
+           "output_throughput": best["summary"]["output_throughput"]}
+    if best["summary"].get("in_flight"):
+        cap["steady"] = best["summary"]["in_flight"]["steady"]
+    return cap
+
+
+def _growth_cell(s: dict[str, Any]) -> str:
+    f = s.get("in_flight")
+    if not f or f["growth"] is None:
+        return "-"
+    return f"x{f['growth']:.2f}{'' if f['steady'] else '!'}"
 
 
 def format_sweep(results: list[dict[str, Any]]) -> str:
-    head = f"{'rate':>8}{'done':>6}{'fail':>6}{'req/s':>9}{'tok/s':>10}{'TTFT p99':>10}{'TPOT p99':>10}{'SLO':>8}"
+    head = (f"{'rate':>8}{'done':>6}{'fail':>6}{'req/s':>9}{'tok/s':>10}{'TTFT p99':>10}{'TPOT p99':>10}{'SLO':>8}"
+            f"{'in flight':>11}")
     lines = [head]
     for r in results:
         s = r["summary"]
         lines.append(f"{format_rate(r['request_rate']):>8}{s['completed']:>6}{s['failed']:>6}"
                      f"{s['request_throughput']:>9.3f}{s['output_throughput']:>10.1f}"
                      f"{_f(s['ttft_ms']['p99'], 1):>10}{_f(s['tpot_ms']['p99'], 1):>10}"
-                     f"{s['slo']['attainment']:>8.1%}")
+                     f"{s['slo']['attainment']:>8.1%}{_growth_cell(s):>11}")
     cap = slo_capacity(results)
     if cap is None:
         lines.append("no rate attained the SLO for >= 90 % of its requests")
@@ -926,6 +974,9 @@ def format_sweep(results: list[dict[str, Any]]) -> str:
         lines.append(f"output throughput at >= 90 % SLO attainment: {cap['output_throughput']:.1f} tok/s "
                      f"(rate {format_rate(cap['request_rate'])} req/s; the highest rate run that attains it "
                      f"bounds it from below)")
+        if cap.get("steady") is False:
+            lines.append(f"  that run was not steady (requests in flight grew more than x{STEADY_GROWTH:g} over the "
+                         "second half of sending): a longer run at that rate may not attain the SLO")
     return "\n".join(lines)
 
 
