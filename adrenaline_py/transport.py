@@ -1,5 +1,10 @@
 """Decode ↔ attention-executor data plane: per-layer q/k/v out, attention output back.
 
+A connection starts with HELLO(epoch) from decode and READY(epoch) from the executor, sent once
+the executor has attached decode's exchange buffers and, on CUDA, captured its step graphs for
+them: decode launches no step (and so no wait on the GPU) before the executor's set-up is done,
+and no capture runs while decode's waits spin.
+
 Protocol of one decode step with N offloaded rows (N padded to the step's bucket):
 
 1. control, once per step: decode sends a STEP frame on the executor's socket (`OffloadStep`:
@@ -63,7 +68,7 @@ from adrenaline_py.triton_support import tl, triton
 
 log = logging.getLogger(__name__)
 
-_HELLO, _STEP, _LAYER, _OUT, _ERROR = b"H", b"S", b"L", b"O", b"E"
+_HELLO, _READY, _STEP, _LAYER, _OUT, _ERROR = b"H", b"R", b"S", b"L", b"O", b"E"
 _INT = struct.Struct("<i")
 
 
@@ -140,16 +145,6 @@ class ExchangeBuffers:
     def attach(cls, model: ModelConfig, engine: EngineConfig, dtype: torch.dtype, device: torch.device,
                ) -> ExchangeBuffers:
         return cls._make(model, engine, dtype, device, create=False)
-
-    @classmethod
-    def scratch(cls, model: ModelConfig, engine: EngineConfig, dtype: torch.dtype, device: torch.device,
-                ) -> ExchangeBuffers:
-        """Process-local buffers of the same shapes (zeros), for warming kernels up."""
-        shapes = cls.shapes(model, engine)
-        return cls(torch.zeros(shapes["offload.qkv"], dtype=dtype, device=device),
-                   torch.zeros(shapes["offload.out"], dtype=dtype, device=device),
-                   torch.zeros(shapes["offload.ctrl"], dtype=torch.int32, device=device),
-                   model.num_attention_heads, model.num_key_value_heads, model.head_dim)
 
     @classmethod
     def _make(cls, model, engine, dtype, device, create: bool) -> ExchangeBuffers:
@@ -233,13 +228,17 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
 
 
 class Channel:
-    """Framing on one decode ↔ executor connection: HELLO(epoch), STEP, LAYER(l), OUT(l), ERROR(text)."""
+    """Framing on one decode ↔ executor connection: HELLO(epoch), READY(epoch), STEP, LAYER(l), OUT(l),
+    ERROR(text)."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
 
     def send_hello(self, epoch: int) -> None:
         self.sock.sendall(_HELLO + _INT.pack(epoch))
+
+    def send_ready(self, epoch: int) -> None:
+        self.sock.sendall(_READY + _INT.pack(epoch))
 
     def send_step(self, step: OffloadStep) -> None:
         payload = pickle.dumps(step, protocol=pickle.HIGHEST_PROTOCOL)
@@ -262,7 +261,7 @@ class Channel:
             return kind, pickle.loads(_recv_exact(self.sock, value))
         if kind == _ERROR:
             return kind, _recv_exact(self.sock, value).decode()
-        if kind in (_HELLO, _LAYER, _OUT):
+        if kind in (_HELLO, _READY, _LAYER, _OUT):
             return kind, value
         raise ConnectionError(f"unexpected frame {kind!r}")
 
@@ -270,7 +269,7 @@ class Channel:
         self.sock.close()
 
 
-HELLO_FRAME, STEP_FRAME, LAYER_FRAME, OUT_FRAME, ERROR_FRAME = _HELLO, _STEP, _LAYER, _OUT, _ERROR
+HELLO_FRAME, READY_FRAME, STEP_FRAME, LAYER_FRAME, OUT_FRAME, ERROR_FRAME = _HELLO, _READY, _STEP, _LAYER, _OUT, _ERROR
 
 
 # --- flags on the GPU -----------------------------------------------------------------------------
@@ -364,9 +363,16 @@ class OffloadTransport(ABC):
         self.channel = Channel(sock)
         try:
             self.channel.send_hello(self.epoch)
-        except OSError as e:
+            # The executor answers once its set-up for our buffers (graph captures) is done: until
+            # then no step of ours may spin on the GPU (the socket's timeout bounds the wait).
+            kind, value = self.channel.read_frame()
+        except (OSError, ConnectionError) as e:
             self.close()
             raise ExecutorGone(f"attention executor failed: {e}") from e
+        if kind != _READY or value != self.epoch:
+            self.close()
+            detail = value if kind == _ERROR else f"frame {kind!r}"
+            raise ExecutorGone(f"attention executor did not get ready: {detail}")
         self._known.clear()
 
     def _on_connect(self) -> None:

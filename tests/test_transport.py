@@ -145,3 +145,45 @@ def test_host_transport_reports_an_executor_that_refuses_the_step(tmp_path):
     finally:
         transport.shutdown()
         executor.stop()
+
+
+@pytest.mark.parametrize("answer", ["silence", "wrong epoch", "error"])
+def test_decode_sends_no_step_before_the_executor_is_ready(tmp_path, answer):
+    """A connection starts HELLO → READY: decode waits for READY with its epoch (the executor sends
+    it once its graphs for decode's buffers are captured) and treats silence, a READY of another
+    epoch or an ERROR as a lost executor, with no STEP sent."""
+    import threading
+
+    from adrenaline_py.transport import OffloadServer
+
+    cfg = NAMED_SHAPES["tiny"]
+    engine = small_engine_config(run_dir=str(tmp_path), offload_timeout_s=0.5)
+    server = OffloadServer(engine)
+    got: list[bytes] = []
+
+    def fake_executor():
+        channel, epoch = server.accept()
+        if answer == "wrong epoch":
+            channel.send_ready(epoch + 1)
+        elif answer == "error":
+            channel.send_error("graph capture failed")
+        channel.sock.settimeout(2.0)
+        try:
+            while data := channel.sock.recv(4096):
+                got.append(data)
+        except (TimeoutError, OSError):
+            pass
+        channel.close()
+
+    thread = threading.Thread(target=fake_executor, daemon=True)
+    thread.start()
+    transport = make_transport(cfg, engine, torch.float32, torch.device("cpu"))
+    try:
+        with pytest.raises(ExecutorGone, match="executor"):
+            transport.begin_step([1], {1: [0]}, [4])
+        assert transport.channel is None  # closed: the next step reconnects with a new epoch
+    finally:
+        transport.shutdown()
+        thread.join(5.0)
+        server.close()
+    assert b"".join(got) == b""  # after HELLO (read by accept) nothing came: no STEP frame

@@ -35,7 +35,7 @@ import torch
 from adrenaline_py.attention import AttentionBackend, DecodeMetadata
 from adrenaline_py.attention.offload import OffloadAttentionBackend, OffloadDecodeMetadata, two_batch_metadata
 from adrenaline_py.models.llama import LlamaForCausalLM
-from adrenaline_py.transport import Batch, ExchangeBuffers, batch_cuts, enqueue_step
+from adrenaline_py.transport import Batch, batch_cuts
 
 # Past 512 rows steps of 1/8 of the bucket: a short-prompt workload (ShareGPT) on an H200 keeps
 # 500-1000 rows in flight, and a 600-row step padded to 1024 would spend 70 % more GEMM rows.
@@ -275,20 +275,31 @@ class ExecutorGraphs:
     """The executor's step captured per (offloaded bucket, split): per layer and batch wait for
     decode's flag, store k/v, attention, signal (adrenaline_py/transport.py `DeviceEndpoint.enqueue_layers`).
 
+    The graphs point at one decode connection's exchange buffers, so they are captured for each new
+    set of buffers, all at once, when decode connects and before the executor answers READY: no
+    capture (and no kernel loading) runs while decode's waits spin, and no step waits for one.
     Per step the host sends one [B, 3] int64 array (position, context length, table row).
     """
 
     def __init__(self, attend_with: Callable[[DecodeMetadata], Callable], kv: torch.Tensor, max_rows: int,
-                 max_model_len: int) -> None:
+                 max_model_len: int, two_batch: bool = True) -> None:
         self.attend_with, self.kv = attend_with, kv
         self.device = kv.device
         self.block_size = kv.shape[3]
         self.max_model_len = max_model_len
         self.buckets = offload_buckets(max_rows)
+        # (bucket, split): split = bucket // 2 for the two-batch cut decode makes of an all-offloaded step
+        self.keys = [(nb, 0) for nb in self.buckets]
+        if two_batch:
+            self.keys += [(nb, nb // 2) for nb in self.buckets if nb >= 16]
         self.inputs = BatchInputs(self.buckets[-1], [0, 1, self.buckets[-1]], -(-max_model_len // self.block_size),
                                   self.device)
         self._graphs = _GraphSet(self.device)
         self._buffers_key: object = None
+
+    @property
+    def num_graphs(self) -> int:
+        return len(self._graphs.graphs)
 
     def _meta(self, start: int, end: int) -> DecodeMetadata:
         positions, lens, rows = (t.contiguous() for t in self.inputs.values[start:end].unbind(1))
@@ -301,30 +312,19 @@ class ExecutorGraphs:
     def _batches(self, nb: int, split: int) -> list[Batch]:
         return [Batch(a, b - a, self.attend_with(self._meta(a, b))) for a, b in batch_cuts(nb, split)]
 
-    def load_kernels(self, buffers: ExchangeBuffers, num_layers: int) -> None:
-        """Run every captured shape's work once, dry, over scratch exchange ``buffers`` of decode's
-        shapes, before any connection: Triton compiles and CUDA loads each kernel variant now. A
-        kernel whose module first loads while a peer's wait kernel spins can deadlock (CUDA lazy
-        loading may synchronize the context), and compiling during the first steps stalls them."""
-        for nb in self.buckets:
-            for split in (0, nb // 2) if nb >= 16 else (0,):
-                self.inputs.write([], nb)
-                enqueue_step(buffers, num_layers, self._batches(nb, split), dry=True)
-        torch.cuda.current_stream(self.device).synchronize()
+    def capture_all(self, endpoint) -> None:
+        """Capture every key's step for ``endpoint``'s exchange buffers (none again for the same buffers)."""
+        for key in sorted(self.keys, reverse=True):  # largest first: the pool is sized by the first
+            self._graph(endpoint, key)
+        torch.cuda.current_stream(self.device).synchronize()  # this stream only: a peer may be spinning
 
-    def replay(self, endpoint, seq_ids: list[int], tables: list[list[int]], seq_lens: list[int],
-               split: int = 0) -> bool:
-        """Run a step's layers from the graph of its bucket (and of its two-batch cut, if any), captured
-        on first use for ``endpoint``'s exchange buffers; False when no graph covers the step."""
-        nb = _bucket(self.buckets, len(seq_ids))
-        if not nb or split not in (0, nb // 2):  # decode cuts a padded bucket in halves
-            return False
+    def _graph(self, endpoint, key: tuple[int, int]):
         buffers = endpoint.buffers.qkv.data_ptr()
         if buffers != self._buffers_key:  # decode re-created its exchange buffers: the graphs point at old ones
             self._graphs.clear()
             self._buffers_key = buffers
-        key = (nb, split)
         if key not in self._graphs.graphs:
+            nb, split = key
             self.inputs.write([], nb)  # capture on padding rows: the warm-up stores nothing
 
             def forward():
@@ -334,11 +334,17 @@ class ExecutorGraphs:
                 endpoint.enqueue_layers(self._batches(nb, split), dry=True)
 
             self._graphs.get(key, forward, warm_up)
+        return self._graphs.graphs[key][0]
+
+    def replay(self, endpoint, seq_ids: list[int], tables: list[list[int]], seq_lens: list[int],
+               split: int = 0) -> bool:
+        """Run a step's layers from the graph of its bucket (and of its two-batch cut, if any); a key
+        `capture_all` did not capture is captured now. False when no graph covers the step."""
+        nb = _bucket(self.buckets, len(seq_ids))
+        if not nb or split not in (0, nb // 2):  # decode cuts a padded bucket in halves
+            return False
+        graph = self._graph(endpoint, (nb, split))
         rows = self.inputs.table_rows(seq_ids, tables)
         self.inputs.write([(0, [[s - 1, s, r] for s, r in zip(seq_lens, rows)])], nb)
-        self._graphs.graphs[key][0].replay()
+        graph.replay()
         return True
-
-    @property
-    def num_graphs(self) -> int:
-        return len(self._graphs.graphs)

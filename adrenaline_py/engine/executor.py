@@ -33,7 +33,6 @@ from adrenaline_py.transport import (
     STEP_FRAME,
     Batch,
     Channel,
-    ExchangeBuffers,
     ExecutorEndpoint,
     OffloadServer,
     OffloadStep,
@@ -89,11 +88,8 @@ class AttentionExecutor:
         self.backend = make_attention_backend(device)
         self.graphs = None
         if device.type == "cuda" and engine.cuda_graphs:
-            self.graphs = ExecutorGraphs(self._attend_with, self.pool.kv, engine.max_decode_batch, engine.max_model_len)
-            try:
-                self.graphs.load_kernels(ExchangeBuffers.scratch(model, engine, dtype, device), model.num_hidden_layers)
-            except Exception:  # only a warm-up: each step's graph capture runs the same work again
-                log.exception("attention executor: loading the step kernels ahead failed")
+            self.graphs = ExecutorGraphs(self._attend_with, self.pool.kv, engine.max_decode_batch, engine.max_model_len,
+                                         two_batch=engine.two_batch_overlap != "off")
         self.block_tables: dict[int, list[int]] = {}
         self.num_steps = 0
         self.host_s = 0.0  # summed over steps: from a step's schedule in hand to its layers launched
@@ -122,6 +118,12 @@ class AttentionExecutor:
             endpoint = None
             try:
                 endpoint = make_endpoint(self.model, self.engine, self.dtype, self.device, channel, epoch)
+                if self.graphs is not None:
+                    started = time.perf_counter()
+                    self.graphs.capture_all(endpoint)  # before READY: decode spins on nothing yet
+                    log.info("attention executor: %d step graphs ready in %.2f s", self.graphs.num_graphs,
+                             time.perf_counter() - started)
+                channel.send_ready(epoch)
                 self._serve_connection(endpoint)
             except ConnectionError as e:
                 log.info("decode connection closed: %s", e)
