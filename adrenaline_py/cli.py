@@ -61,6 +61,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="requests that may wait for KV room at once; beyond it new ones are rejected at once")
     g.add_argument("--seed", type=int, default=d.seed, help="seed of dummy weights")
     g.add_argument("--no-cuda-graphs", action="store_true", help="run every decode step eagerly (cuda only)")
+    g.add_argument("--overlap-steps", action="store_true",
+                   help="launch each decode step before the previous one's tokens reach the host (experimental)")
     g.add_argument("--offload-timeout", type=float, default=d.offload_timeout_s,
                    help="seconds an offloaded step may stall before the executor is killed and replaced")
     g.add_argument("--heartbeat-timeout", type=float, default=d.heartbeat_timeout_s,
@@ -82,7 +84,7 @@ def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
         max_prefill_tokens=a.max_prefill_tokens, num_sender_threads=a.num_sender_threads,
         gil_switch_interval_ms=a.gil_switch_interval_ms,
         admission_timeout_s=a.admission_timeout, max_queued_requests=a.max_queued_requests, seed=a.seed,
-        cuda_graphs=not a.no_cuda_graphs, offload_timeout_s=a.offload_timeout,
+        cuda_graphs=not a.no_cuda_graphs, offload_timeout_s=a.offload_timeout, overlap_steps=a.overlap_steps,
         heartbeat_timeout_s=a.heartbeat_timeout,
     )
 

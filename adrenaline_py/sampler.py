@@ -38,6 +38,28 @@ class SamplingRow:
     params: SamplingParams
     output_ids: list[int]   # tokens generated so far (the row samples token len(output_ids))
     prompt_ids: Sequence[int] = ()  # read only by the penalties
+    # Tokens generated so far when ``output_ids`` lags behind (decode's overlapped steps: the last
+    # token is still on the GPU); only rows that need no history (`needs_history`) may lag.
+    num_output: int | None = None
+
+    @property
+    def index(self) -> int:
+        """Which output token of its request the row samples."""
+        return len(self.output_ids) if self.num_output is None else self.num_output
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on ``device`` without waiting for the GPU: a copy from pageable memory
+    waits for the stream's earlier work (the step in flight); from pinned memory it is queued."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def needs_history(params: SamplingParams) -> bool:
+    """Whether sampling reads the tokens generated so far on the host (penalties, bad words);
+    min_tokens needs only their count."""
+    return params.has_penalties or bool(params.bad_words_ids)
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
@@ -90,7 +112,7 @@ def _noise_of(key: torch.Tensor, vocab: int) -> torch.Tensor:
 def _banned_tokens(row: SamplingRow) -> list[int]:
     p = row.params
     banned: list[int] = []
-    if len(row.output_ids) < p.min_tokens:
+    if row.index < p.min_tokens:
         banned.extend(p.end_ids)
     for word in p.bad_words_ids:
         prefix = list(word[:-1])
@@ -151,15 +173,21 @@ def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Ten
 
 
 def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[int]:
-    """logits: [B, V] (any float dtype) for the rows' next tokens → one token id per row.
+    """logits: [B, V] (any float dtype) for the rows' next tokens → one token id per row (`choose`,
+    then one host transfer for the whole batch)."""
+    return choose(logits, rows).tolist()
+
+
+def choose(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """The rows' next tokens, [B] int64 on the logits' device (nothing waits for the GPU).
 
     Greedy rows take the argmax in the logits' own dtype (exact: widening to fp32 changes no order);
-    sampled rows are widened to fp32 together. One host transfer for the whole batch.
+    sampled rows are widened to fp32 together.
     """
     banned = [(i, t) for i, row in enumerate(rows) for t in _banned_tokens(row)]
     if banned:
         logits = logits.clone()  # banning writes -inf: never into the caller's tensor
-        where = torch.tensor(banned, dtype=torch.int64).to(logits.device)
+        where = to_device(torch.tensor(banned, dtype=torch.int64), logits.device)
         logits[where[:, 0], where[:, 1]] = float("-inf")
     logits = _apply_penalties(logits, rows)
     sampled = [i for i, row in enumerate(rows) if not row.params.is_greedy]
@@ -168,9 +196,9 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[int]:
         if len(sampled) == len(rows):
             choice = _sample_rows(logits.float(), rows)
         else:
-            idx = torch.tensor(sampled, dtype=torch.int64).to(logits.device)
+            idx = to_device(torch.tensor(sampled, dtype=torch.int64), logits.device)
             choice[idx] = _sample_rows(logits[idx].float(), [rows[i] for i in sampled])
-    return choice.tolist()
+    return choice
 
 
 def _sample_rows(scores: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
@@ -178,11 +206,11 @@ def _sample_rows(scores: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     dev, vocab = scores.device, scores.shape[-1]
     ps = [r.params for r in rows]
     cut_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in ps]
-    keys = _row_keys([p.seed for p in ps], [len(r.output_ids) for r in rows])
+    keys = _row_keys([p.seed for p in ps], [r.index for r in rows])
     # Every per-row setting in one host-to-device copy (a copy from pageable memory waits for the
     # stream; float64 holds each value exactly, the 32-bit keys and top-k included).
     settings = torch.tensor([[p.temperature, p.min_p, p.top_p, k] for p, k in zip(ps, cut_k)], dtype=torch.float64)
-    on_dev = torch.cat([settings, keys[:, None].double()], dim=1).to(dev)
+    on_dev = to_device(torch.cat([settings, keys[:, None].double()], dim=1), dev)
     temps, min_p, top_p = (on_dev[:, i].float() for i in range(3))
     k, keys = on_dev[:, 3].long(), on_dev[:, 4].long()
     scores = scores / temps[:, None]

@@ -415,6 +415,11 @@ class OffloadTransport(ABC):
         """Once the step's device work is enqueued: wait for it; raise `ExecutorGone` if it must be redone."""
         return None
 
+    #: Whether a step's exchange is over when its work has been enqueued (the host transport: each
+    #: layer's round trip happens on the host). Only then may decode launch the next step before
+    #: this one's tokens reach the host; the device transport's watchdog follows one step at a time.
+    finishes_in_launch = True
+
     # data -------------------------------------------------------------------------------------------
     @abstractmethod
     def send(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, part: int = 0,
@@ -515,6 +520,8 @@ class DeviceTransport(OffloadTransport):
 
     def wait_seconds(self) -> tuple[float, float, float] | None:
         return self.buffers.wait_seconds()
+
+    finishes_in_launch = False
 
     def finish_step(self) -> None:
         done = torch.cuda.Event()

@@ -234,6 +234,8 @@ class FailOnceRunner:
 
     device = torch.device("cpu")
     gate = None
+    launched_at = 0.0
+    device_s = 0.0
 
     def __init__(self):
         self.calls = 0
@@ -310,3 +312,26 @@ def test_step_times_add_up_to_the_loop_and_put_the_runner_in_wait():
     assert t.emit >= 0.009                                # five emits of 2 ms
     host = t.schedule + t.prepare + t.wait + t.update + t.emit
     assert host <= wall and host > 0.9 * wall
+
+
+def test_with_steps_in_flight_a_finished_request_keeps_its_blocks_until_they_are_collected():
+    """Overlapped steps: a request that ends while a later step is in flight (that step writes its
+    K/V) is freed only once that step's tokens are back."""
+    sched, pools = create_scheduler()
+    sched.hold_frees = True
+    a, b = make_seq(1, max_tokens=2), make_seq(2, max_tokens=8)
+    sched.add(a)
+    sched.add(b)
+    plan, _ = sched.schedule()
+    sched.steps_launched = 2                  # steps 1 and 2 launched; step 1's tokens come back now
+    sched.release_held(1)
+    events = sched.update(plan, [5, 6])       # a ends by length at step 1; step 2 (in flight) has it
+    assert [e.finish_reason for e in events] == ["length", None]
+    assert freed(pools) == []                 # held: step 2 still writes a's K/V
+    assert sched.update(plan, [7, 8])[0].seq is b   # step 2: a's row is dropped, b goes on
+    sched.release_held(2)
+    assert freed(pools) == [([10, 11], 3 + 2)]
+    sched.steps_launched = 2                  # nothing in flight now: frees are immediate
+    sched.abort(2)
+    sched.schedule()
+    assert freed(pools)[-1] == ([20, 21], 3 + 8)

@@ -170,3 +170,70 @@ def test_the_decode_loop_opens_the_output_gate_only_while_it_waits(tiny_hf):
     calls = " ".join(c[0] for c in gate.calls)
     assert steps == 5 and len(re.findall("c o c o o", calls)) == steps, calls
     assert "c c" not in calls and gate.calls[-1] == "open"
+
+
+# --- overlapped steps (--overlap-steps): step N+1 launches before step N's tokens reach the host ----
+
+def _engine_tokens(ckpt, prompts, params, **cfg):
+    with LocalEngine(ckpt, small_engine_config(**cfg)) as engine:
+        got = engine.generate(prompts, params)
+        loop = engine.decode.loop
+        pools = engine.pools
+        free = {name: (pool.allocator.num_free, pool.allocator.num_blocks) for name, pool in pools.items()}
+        return got, loop, free
+
+
+@pytest.mark.parametrize("offload", ["never", "always", "ratio:0.5"])
+def test_overlapped_steps_match_transformers_with_requests_ending_at_different_steps(tiny_hf, offload):
+    hf, ckpt = tiny_hf
+    gen = torch.Generator().manual_seed(4)
+    lengths, n_new = [3, 9, 30, 64, 17], [2, 11, 5, 20, 8]   # each request ends by length at its own step
+    prompts = [torch.randint(3, ckpt.config.vocab_size, (n,), generator=gen).tolist() for n in lengths]
+    expected = [hf_greedy(hf, p, n) for p, n in zip(prompts, n_new)]
+    got, loop, free = _engine_tokens(ckpt, prompts, [greedy(n) for n in n_new], offload=offload, overlap_steps=True)
+    assert [c.output_ids for c in got] == expected
+    assert all(c.finish_reason == "length" for c in got)
+    assert loop.overlapped_steps > 0                          # steps really launched ahead
+    assert all(n == total for n, total in free.values())     # every block came back
+
+
+def test_overlapped_steps_drop_the_extra_token_of_a_request_that_ends_on_an_end_token(tiny_hf):
+    """A request that step N ends with its end token is a row of step N+1 (launched before N's tokens
+    were seen): that row's token is dropped and its blocks are freed once N+1 is done, while the
+    other requests go on untouched."""
+    hf, ckpt = tiny_hf
+    prompts = [[11, 12, 13, 14], [40, 41, 42], list(range(60, 90))]
+    free_run = [hf_greedy(hf, p, 12) for p in prompts]
+    stop_at = free_run[0][5]                                   # request 0 ends at its 6th token
+    first = free_run[0].index(stop_at)
+    params = [greedy(12, end_ids=(stop_at,)), greedy(12), greedy(12)]
+    sync, _, _ = _engine_tokens(ckpt, prompts, params, offload="ratio:0.5")
+    got, loop, free = _engine_tokens(ckpt, prompts, params, offload="ratio:0.5", overlap_steps=True)
+    assert got[0].output_ids == free_run[0][:first + 1] and got[0].finish_reason == "stop"
+    assert [c.output_ids for c in got[1:]] == free_run[1:]    # no end ids: they run to their length
+    assert [c.output_ids for c in got] == [c.output_ids for c in sync]
+    assert loop.overlapped_steps > 0
+    assert all(n == total for n, total in free.values())
+
+
+def test_overlapped_steps_keep_seeded_sampling_reproducible(tiny_hf):
+    _, ckpt = tiny_hf
+    prompts = [[5, 6, 7], list(range(20, 45)), [99] * 9]
+    params = [greedy(10, temperature=0.8, top_p=0.9, seed=100 + i) for i in range(3)]
+    sync, _, _ = _engine_tokens(ckpt, prompts, params, offload="ratio:0.5")
+    got, loop, _ = _engine_tokens(ckpt, prompts, params, offload="ratio:0.5", overlap_steps=True)
+    assert [c.output_ids for c in got] == [c.output_ids for c in sync]
+    assert loop.overlapped_steps > 0
+
+
+def test_overlapped_steps_fall_back_to_synchronous_steps_for_penalties_and_bad_words(tiny_hf):
+    """Penalties and bad words read the latest token on the host: such batches run synchronously,
+    with the same tokens as without overlap."""
+    _, ckpt = tiny_hf
+    prompts = [[7, 8, 9, 10], [30, 31]]
+    params = [greedy(8, repetition_penalty=1.3), greedy(8, bad_words_ids=((50,),))]
+    sync, _, _ = _engine_tokens(ckpt, prompts, params, offload="never")
+    got, loop, free = _engine_tokens(ckpt, prompts, params, offload="never", overlap_steps=True)
+    assert [c.output_ids for c in got] == [c.output_ids for c in sync]
+    assert loop.overlapped_steps == 0
+    assert all(n == total for n, total in free.values())

@@ -70,6 +70,13 @@ def graph_keys(max_batch: int, offload: bool = True) -> list[tuple[int, int]]:
     return keys
 
 
+def take_tokens(values: torch.Tensor, prev_tokens: torch.Tensor) -> None:
+    """Column 0 of ``values`` [B, >= 5] takes ``prev_tokens[values[:, 4]]`` where column 4 is >= 0:
+    the inputs of rows whose last token the previous step chose and the host has not seen yet."""
+    src = values[:, 4]
+    values[:, 0] = torch.where(src >= 0, prev_tokens[src.clamp(min=0)], values[:, 0])
+
+
 def _bucket(buckets: list[int], n: int) -> int | None:
     if n == 0:
         return 0
@@ -105,7 +112,9 @@ class BatchInputs:
             if entry is None or entry[1] is not table:  # new, or its table was replaced (migration)
                 row = entry[0] if entry is not None else self._free.pop()
                 self.tables[row].zero_()
-                self.tables[row, : len(table)].copy_(torch.as_tensor(table, dtype=torch.long))
+                # from pinned memory: a copy from pageable memory would wait for the step in flight
+                self.tables[row, : len(table)].copy_(torch.as_tensor(table, dtype=torch.long).pin_memory(),
+                                                     non_blocking=True)
                 self._rows[key] = entry = (row, table)
             rows.append(entry[0])
         return rows
@@ -163,7 +172,8 @@ class _GraphSet:
 class DecodeGraphs:
     """Captured decode forward passes over decode's pool, keyed by (local bucket, offloaded bucket).
 
-    Per step the host sends one [B, 4] int64 array (token, position, context length, table row).
+    Per step the host sends one [B, 5] int64 array (token, position, context length, table row,
+    source row of the token in the previous step's device tensor or -1).
     """
 
     def __init__(
@@ -190,7 +200,9 @@ class DecodeGraphs:
         self.keys = [(mb, nb, 0) for mb, nb in pairs]
         if offload and two_batch:
             self.keys += [(0, nb, nb // 2) for nb in self.remote_buckets if nb >= 16]
-        self.inputs = BatchInputs(rows, [0, 0, 1, rows], -(-max_model_len // self.block_size), self.device)
+        # per row: token, position, context length, table row, and the row of the previous step's
+        # token tensor that holds this row's token (-1: the token column has it; overlapped steps)
+        self.inputs = BatchInputs(rows, [0, 0, 1, rows, -1], -(-max_model_len // self.block_size), self.device)
         self._graphs = _GraphSet(self.device)
 
     def buckets_for(self, num_local: int, num_remote: int, two_batch: bool = False) -> tuple[int, int, int] | None:
@@ -218,7 +230,7 @@ class DecodeGraphs:
         return len(self._graphs.graphs)
 
     def _forward(self, mb: int, nb: int, split: int) -> torch.Tensor:
-        ids, positions, lens, rows = (t.contiguous() for t in self.inputs.values[: mb + nb].unbind(1))
+        ids, positions, lens, rows = (t.contiguous() for t in self.inputs.values[: mb + nb, :4].unbind(1))
         if split:
             return self.model.forward_two_batches(ids, positions, self.backend, two_batch_metadata(nb, split), split)
         local = None
@@ -246,6 +258,7 @@ class DecodeGraphs:
     def run(
         self, keys: list[object], input_ids: list[int], positions: list[int], block_tables: list[list[int]],
         seq_lens: list[int], num_local: int | None = None, two_batch: bool = False,
+        token_rows: list[int] | None = None, prev_tokens: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """Final hidden states [n, hidden] of the rows (local first, then offloaded), or None when no
         graph covers the step. The first ``num_local`` rows (default: all) are local; ``two_batch``:
@@ -253,6 +266,8 @@ class DecodeGraphs:
 
         ``keys`` identify the sequences across steps (their block tables are uploaded once); a
         table must not change in place while its sequence runs (replace the list instead).
+        ``token_rows`` (with ``prev_tokens``, the previous step's tokens on the device): per row the
+        index into ``prev_tokens`` of its input token, or -1 to take ``input_ids``.
         """
         n = len(input_ids)
         m = n if num_local is None else num_local
@@ -262,9 +277,13 @@ class DecodeGraphs:
         graph, hidden = self.graph(key)
         mb, nb, _ = key
         table_rows = self.inputs.table_rows(keys[:m], block_tables[:m])
-        local = [list(r) for r in zip(input_ids[:m], positions[:m], seq_lens[:m], table_rows)]
-        remote = [[t, p, s, self.inputs.pad_row] for t, p, s in zip(input_ids[m:], positions[m:], seq_lens[m:])]
+        src = token_rows if token_rows is not None else [-1] * n
+        local = [list(r) for r in zip(input_ids[:m], positions[:m], seq_lens[:m], table_rows, src[:m])]
+        remote = [[t, p, s, self.inputs.pad_row, r]
+                  for t, p, s, r in zip(input_ids[m:], positions[m:], seq_lens[m:], src[m:])]
         self.inputs.write([(0, local), (mb, remote)], mb + nb)
+        if prev_tokens is not None:
+            take_tokens(self.inputs.values[: mb + nb], prev_tokens)
         graph.replay()
         if n == m:
             return hidden[:m]

@@ -31,7 +31,7 @@ from adrenaline_py.kv_cache import RECOMPUTE_PACK_TOKENS, KVPool, blocks_needed
 from adrenaline_py.models.llama import LlamaForCausalLM
 from adrenaline_py.placement import bind
 from adrenaline_py.request import GenerationParams
-from adrenaline_py.sampler import SamplingRow, sample
+from adrenaline_py.sampler import SamplingRow, choose, needs_history
 from adrenaline_py.transport import ExecutorGone, OffloadTransport
 
 if TYPE_CHECKING:
@@ -111,6 +111,13 @@ class DecodeScheduler:
         self.generated: dict[str, int] = {"decode": 0, "executor": 0}
         self._lock = threading.Lock()
         self.has_work = threading.Condition(self._lock)
+        # Overlapped steps (DecodeEngine.overlap): a request that ends may still be a row of a step in
+        # flight, which writes its K/V; its blocks are held until every step launched so far is
+        # collected (`release_held`). Touched by the loop thread only.
+        self.hold_frees = False
+        self.steps_launched = 0    # id of the last step launched
+        self.steps_collected = 0   # id of the last step whose tokens came back
+        self._held: list[tuple[int, Sequence]] = []
 
     def add(self, seq: Sequence) -> TokenEvent:
         """Admit a prefilled request; returns the event for its first token."""
@@ -118,7 +125,7 @@ class DecodeScheduler:
         if reason:
             seq.finish_reason = reason
             self.finished[reason] += 1
-            self._free(seq)
+            self._free_now(seq)  # never in a step (and not the loop's thread)
             return TokenEvent(seq, list(seq.output_ids), reason)
         with self._lock:
             self.waiting.append(seq)
@@ -173,11 +180,14 @@ class DecodeScheduler:
         return plan, events
 
     def update(self, plan: DecodePlan, tokens: list[int]) -> list[TokenEvent]:
+        """Append each row's token; rows of requests that ended meanwhile (an overlapped step ran them
+        once more, or they were aborted) are skipped."""
         events = []
         finished = set()
-        self.generated["decode"] += len(plan.local)
-        self.generated["executor"] += len(plan.offloaded)
         for seq, token in zip(plan.seqs, tokens):
+            if seq.finish_reason is not None:
+                continue
+            self.generated[seq.pool] += 1
             seq.output_ids.append(token)
             reason = check_finished(seq)
             events.append(TokenEvent(seq, [token], reason))
@@ -217,7 +227,7 @@ class DecodeScheduler:
     def migrate_to_local(self, seq: Sequence, block_table: list[int]) -> None:
         """Point an offloaded request at its recomputed KV in decode's pool."""
         try:
-            self._free(seq)
+            self._free_now(seq)  # recovery runs with no step in flight
         except RuntimeError as e:  # the executor came back with a fresh pool: nothing to return
             log.warning("could not return executor blocks of request %d: %s", seq.seq_id, e)
         seq.pool, seq.block_table = "decode", block_table
@@ -231,7 +241,27 @@ class DecodeScheduler:
             except LookupError:  # the executor's pool is not attached yet
                 pass
 
+    def release_held(self, collected: int | None) -> None:
+        """Step ``collected`` is done (None: every step): free the held requests no step in flight uses."""
+        if collected is not None:
+            self.steps_collected = collected
+        if not self._held:
+            return
+        keep = []
+        for tag, seq in self._held:
+            if collected is None or tag <= collected:
+                self._free_now(seq)
+            else:
+                keep.append((tag, seq))
+        self._held = keep
+
     def _free(self, seq: Sequence) -> None:
+        if self.hold_frees and self.steps_launched > self.steps_collected:  # a step in flight may use them
+            self._held.append((self.steps_launched, seq))
+            return
+        self._free_now(seq)
+
+    def _free_now(self, seq: Sequence) -> None:
         if len(seq.output_ids) > 1:  # the first token came from prefill: its K/V is written by step 1
             self.generated[seq.pool] -= len(seq.output_ids) - 1
         self._pools(seq.pool).allocator.free(seq.block_table, seq.reserved_tokens)
@@ -277,29 +307,50 @@ class StepTimes:
 
 
 class _DeviceSpan:
-    """GPU time of a step from two CUDA events, read one step later (no extra synchronization)."""
+    """GPU time of one step from a pair of CUDA events, read once its tokens are on the host (no
+    extra synchronization); steps may overlap, so each launch has its own pair."""
 
     def __init__(self, device: torch.device) -> None:
         self.enabled = device.type == "cuda"
-        if self.enabled:
-            self._start, self._end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        self._pending = False
+        self._start: torch.cuda.Event | None = None
 
-    def begin(self) -> float:
-        """Records the start of a step; returns the previous step's span in seconds (0 if none)."""
+    def begin(self) -> None:
+        if self.enabled:
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._start.record()
+
+    def end(self) -> tuple[torch.cuda.Event, torch.cuda.Event] | None:
         if not self.enabled:
-            return 0.0
-        span = 0.0
-        if self._pending:
-            span = self._start.elapsed_time(self._end) / 1e3  # the tokens came back: both are done
-            self._pending = False
-        self._start.record()
-        return span
+            return None
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        return self._start, end
 
-    def end(self) -> None:
-        if self.enabled:
-            self._end.record()
-            self._pending = True
+    @staticmethod
+    def seconds(events: tuple[torch.cuda.Event, torch.cuda.Event] | None) -> float:
+        """The span of a step whose tokens came back (both events are done)."""
+        return events[0].elapsed_time(events[1]) / 1e3 if events is not None else 0.0
+
+
+@dataclass
+class Launched:
+    """A decode step whose work is enqueued: its rows and its chosen tokens, still on the device."""
+
+    plan: DecodePlan
+    tokens: torch.Tensor        # [rows] int64 on decode's device
+    rows: dict[int, int]        # seq_id → row in ``tokens``
+    events: tuple | None = None  # CUDA events around its GPU work (`_DeviceSpan`)
+    host_tokens: torch.Tensor | None = None  # their copy in (pinned) host memory, done once ``ready`` is
+    ready: torch.cuda.Event | None = None    # (CUDA; on CPU the tokens are host tensors already)
+    step_id: int = 0            # the engine's count of launched steps (overlapped steps only)
+    t0: float = 0.0             # perf_counter: the step's schedule began, prepared from, launched at
+    t1: float = 0.0
+    launched_at: float = 0.0
+
+
+def _last_in(seq: Sequence, pending: Launched) -> bool:
+    """Whether the step in flight gives ``seq`` its last token by length (it needs no further step)."""
+    return seq.seq_id in pending.rows and len(seq.output_ids) + 1 >= seq.params.sampling.max_tokens
 
 
 class DecodeRunner:
@@ -336,7 +387,7 @@ class DecodeRunner:
         self.graphs: DecodeGraphs | None = None
         self.gate: HostGate | None = None  # opened while this thread waits for the GPU (output.HostGate)
         self.launched_at = 0.0         # perf_counter when the last step's layers were launched
-        self.device_s = 0.0            # GPU span of the step before the last (see StepTimes)
+        self.device_s = 0.0            # GPU span of the last collected step (see StepTimes)
         self._span = _DeviceSpan(self.device)
         if cuda_graphs and self.device.type == "cuda" and isinstance(local_backend, TritonAttentionBackend):
             self.graphs = DecodeGraphs(model, self.backend, decode_pool.kv, max_batch, max_model_len,
@@ -351,8 +402,19 @@ class DecodeRunner:
         return sum(s.num_tokens for s in plan.offloaded) * self._kv_bytes_per_token >= self._weight_bytes
 
     def run(self, plan: DecodePlan) -> list[int]:
+        """One step, start to finish: its tokens, in the plan's row order."""
+        return self.collect(self.launch(plan))
+
+    def launch(self, plan: DecodePlan, pending: Launched | None = None) -> Launched:
+        """Enqueue a step's work up to its chosen tokens, which stay on the device (`collect` reads
+        them). ``pending``: the step before, launched and not collected; this step's rows that were
+        in it take their input token from its device tokens, and count that token as generated."""
         seqs = plan.seqs
         m, n = len(plan.local), len(plan.offloaded)
+        ahead = [1 if pending is not None and s.seq_id in pending.rows else 0 for s in seqs]
+        lens = [s.num_tokens + a for s, a in zip(seqs, ahead)]
+        token_rows = [pending.rows[s.seq_id] if a else -1 for s, a in zip(seqs, ahead)] if pending else None
+        prev = pending.tokens if pending is not None and any(ahead) else None
         two = self.cuts_in_two(plan)
         key = self.graphs.buckets_for(m, n, two) if self.graphs is not None else None
         if two and key is None and self.graphs is not None and self.two_batch == "auto":
@@ -362,35 +424,71 @@ class DecodeRunner:
         self.two_batch_steps += bool(split)
         if n:  # the schedule goes first: the executor prepares its step while we prepare ours
             self.transport.begin_step([s.seq_id for s in plan.offloaded],
-                                      {s.seq_id: s.block_table for s in plan.offloaded},
-                                      [s.num_tokens for s in plan.offloaded], split)
-        self.device_s = self._span.begin()
+                                      {s.seq_id: s.block_table for s in plan.offloaded}, lens[m:], split)
+        self._span.begin()
         hidden = None
+        ids = [s.output_ids[-1] for s in seqs]
         if key is not None:
-            hidden = self.graphs.run([s.seq_id for s in seqs], [s.output_ids[-1] for s in seqs],
-                                     [s.num_tokens - 1 for s in seqs], [s.block_table for s in seqs],
-                                     [s.num_tokens for s in seqs], num_local=m, two_batch=two)
+            hidden = self.graphs.run([s.seq_id for s in seqs], ids, [x - 1 for x in lens],
+                                     [s.block_table for s in seqs], lens, num_local=m, two_batch=two,
+                                     token_rows=token_rows if prev is not None else None, prev_tokens=prev)
         if hidden is None:
             dev = self.device
-            input_ids = torch.tensor([s.output_ids[-1] for s in seqs], dtype=torch.long, device=dev)
-            positions = torch.tensor([s.num_tokens - 1 for s in seqs], dtype=torch.long, device=dev)
+            input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
+            if prev is not None:
+                src = torch.tensor(token_rows, dtype=torch.long, device=dev)
+                input_ids = torch.where(src >= 0, prev[src.clamp(min=0)], input_ids)
+            positions = torch.tensor([x - 1 for x in lens], dtype=torch.long, device=dev)
             if split:
                 hidden = self.model.forward_two_batches(input_ids, positions, self.backend,
                                                         two_batch_metadata(n, split), split)
             else:
-                local_meta = self._local_metadata(plan.local) if plan.local else None
+                local_meta = self._local_metadata(plan.local, lens[:m]) if plan.local else None
                 hidden = self.model(input_ids, positions, self.backend, OffloadDecodeMetadata(local_meta, m, n))
         self.launched_at = time.perf_counter()
         logits = self.model.compute_logits(hidden)
+        if n:
+            if self.gate is not None:  # the device transport's wait is on the host: let the output threads run
+                self.gate.open()
+            try:
+                self.transport.finish_step()  # raises ExecutorGone if the offloaded rows must be redone
+            finally:
+                if self.gate is not None:
+                    self.gate.close()
+        rows = [SamplingRow(s.params.sampling, s.output_ids, s.prompt_ids, len(s.output_ids) + a)
+                for s, a in zip(seqs, ahead)]
+        tokens = choose(logits, rows)
+        events = self._span.end()
+        host, ready = tokens, None
+        if tokens.is_cuda:  # queued now, behind this step only: the next step's work may follow on the stream
+            host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            host.copy_(tokens, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        return Launched(plan, tokens, {s.seq_id: i for i, s in enumerate(seqs)}, events, host_tokens=host,
+                        ready=ready)
+
+    def collect(self, launched: Launched) -> list[int]:
+        """Wait for a launched step's tokens (the one host synchronization of a step)."""
         if self.gate is not None:  # from here this thread mostly waits for the GPU
             self.gate.open()
-        if n:
-            self.transport.finish_step()  # raises ExecutorGone if the offloaded rows must be redone
-        tokens = sample(logits, [SamplingRow(s.params.sampling, s.output_ids, s.prompt_ids) for s in seqs])
-        self._span.end()
-        if self.gate is not None:
-            self.gate.close()
+        try:
+            if launched.ready is not None:
+                launched.ready.synchronize()
+            tokens = launched.host_tokens.tolist()
+        finally:
+            if self.gate is not None:
+                self.gate.close()
+        self.device_s = _DeviceSpan.seconds(launched.events)
         return tokens
+
+    def overlaps(self, plan: DecodePlan, pending: Launched | None) -> bool:
+        """Whether ``plan`` may launch before ``pending``'s tokens reach the host: no row's sampling
+        reads its latest token on the host, and the transport finishes its part inside `launch`
+        (the host transport; the device transport's watchdog follows one step at a time)."""
+        if plan.offloaded and not self.transport.finishes_in_launch:
+            return False
+        return not any(needs_history(s.params.sampling) for s in plan.seqs)
 
     def recompute_locally(self, seqs: list[Sequence]) -> tuple[list[tuple[Sequence, list[int]]], list[Sequence]]:
         """Rebuild offloaded requests' KV in decode's pool from prompt + generated tokens.
@@ -413,20 +511,24 @@ class DecodeRunner:
             runner.run(items)
         return moved, failed
 
-    def _local_metadata(self, seqs: list[Sequence]) -> DecodeMetadata:
-        return build_decode_metadata(
-            self.pool.kv, [s.block_table for s in seqs], [s.num_tokens for s in seqs], self.device
-        )
+    def _local_metadata(self, seqs: list[Sequence], lens: list[int]) -> DecodeMetadata:
+        return build_decode_metadata(self.pool.kv, [s.block_table for s in seqs], lens, self.device)
 
 
 class DecodeEngine:
     """The background loop; ``emit`` receives every `TokenEvent` (from the loop thread)."""
 
     def __init__(self, scheduler: DecodeScheduler, runner: DecodeRunner,
-                 emit: Callable[[list[TokenEvent]], None]) -> None:
+                 emit: Callable[[list[TokenEvent]], None], overlap: bool = False) -> None:
         self.scheduler = scheduler
         self.runner = runner
         self.emit = emit
+        # Host/GPU overlap: launch step N+1 before step N's tokens reach the host (`_step_overlapped`)
+        self.overlap = overlap
+        scheduler.hold_frees = overlap
+        self._pending: Launched | None = None  # the step launched and not yet collected
+        self._launched = 0                     # steps launched so far (ids of `Launched.step_id`)
+        self.overlapped_steps = 0              # steps launched while the one before was in flight
         self.num_steps = 0
         self.num_recovered = 0     # offloaded requests moved to decode after an executor failure
         self.batch_sizes: list[tuple[int, int]] = []  # (local, offloaded) per step, drained by metrics
@@ -460,12 +562,18 @@ class DecodeEngine:
                 gate.open()
 
     def _step(self, t0: float) -> bool:
+        if self.overlap:
+            return self._step_overlapped(t0)
         plan, events = self.scheduler.schedule()
         if events:
             self.emit(events)
         if not plan:
             self.scheduler.publish_load()
             return False
+        return self._run_step(plan, t0)
+
+    def _run_step(self, plan: DecodePlan, t0: float) -> bool:
+        """One step, synchronously: launch, wait for its tokens, update, emit."""
         t1 = time.perf_counter()
         try:
             tokens = self.runner.run(plan)
@@ -485,30 +593,97 @@ class DecodeEngine:
             if not plan:
                 return True
             tokens = self.runner.run(plan)
+        self._account(plan, t0, t1, min(max(self.runner.launched_at, t1), time.perf_counter()))
+        self._commit(plan, tokens, time.perf_counter())
+        return True
+
+    def _step_overlapped(self, t0: float) -> bool:
+        """Launch step N+1 before step N's tokens reach the host, then take N's tokens while N+1 runs:
+        the host's update, emit, schedule and input preparation hide behind the GPU.
+
+        Step N+1's rows that step N may have ended (an end token) run once more; their extra token is
+        dropped, and the blocks of any request that ends are freed only once no step in flight uses
+        them (`DecodeScheduler.hold_frees`). Rows that step N ends by length are left out.
+        """
+        plan, events = self.scheduler.schedule()
+        if events:
+            self.emit(events)
+        pending = self._pending
+        if pending is not None:
+            plan = DecodePlan([s for s in plan.local if not _last_in(s, pending)],
+                              [s for s in plan.offloaded if not _last_in(s, pending)])
+        if not plan or not self.runner.overlaps(plan, pending):
+            if pending is not None:  # nothing to overlap with: take the step in flight first
+                self._finish(pending)
+                return True
+            if not plan:
+                self.scheduler.publish_load()
+                return False
+            return self._run_step(plan, t0)
+        t1 = time.perf_counter()
+        self._launched += 1
+        self.scheduler.steps_launched = self._launched
+        try:
+            launched = self.runner.launch(plan, pending)
+        except ExecutorGone:  # host transport: step N is done; redo N+1 synchronously, with recovery
+            self._launched -= 1
+            self.scheduler.steps_launched = self._launched
+            if pending is not None:
+                self._finish(pending)
+            return True
+        launched.step_id = self._launched
+        self.overlapped_steps += pending is not None
+        self._pending = launched
+        launched.t0, launched.t1, launched.launched_at = t0, t1, self.runner.launched_at
+        if pending is not None:
+            self._finish(pending)
+        return True
+
+    def _finish(self, launched: Launched) -> None:
+        """Take a launched step's tokens and commit them (the step after it may be in flight)."""
+        if self._pending is launched:
+            self._pending = None
         t2 = time.perf_counter()
+        tokens = self.runner.collect(launched)
+        self.scheduler.release_held(launched.step_id)
+        self._account(launched.plan, launched.t0, launched.t1, launched.launched_at, waited=time.perf_counter() - t2)
+        self._commit(launched.plan, tokens, time.perf_counter())
+
+    def _account(self, plan: DecodePlan, t0: float, t1: float, launched: float, waited: float | None = None) -> None:
+        times = self.times
+        times.steps += 1
+        times.schedule += t1 - t0
+        times.prepare += launched - t1
+        times.wait += (time.perf_counter() - launched) if waited is None else waited
+        times.device += self.runner.device_s
         self.num_steps += 1
         if len(self.batch_sizes) < 100_000:  # bounded if nobody drains it
             self.batch_sizes.append((len(plan.local), len(plan.offloaded)))
         self.kv_tokens_read["decode"] += sum(s.num_tokens for s in plan.local)
         self.kv_tokens_read["executor"] += sum(s.num_tokens for s in plan.offloaded)
+        if plan.offloaded and times.steps % StepTimes.WAITS_EVERY == 0:
+            times.read_waits(self.runner.transport)  # one small copy; this step's work is done
+
+    def _commit(self, plan: DecodePlan, tokens: list[int], t2: float) -> None:
         events = self.scheduler.update(plan, tokens)
         self.scheduler.publish_load()
         t3 = time.perf_counter()
         if self.runner.gate is not None:  # the events are out: the output threads' turn
             self.runner.gate.open()
         self.emit(events)
-        t4 = time.perf_counter()
-        times, launched = self.times, min(max(self.runner.launched_at, t1), t2)
-        times.steps += 1
-        times.schedule += t1 - t0
-        times.prepare += launched - t1
-        times.wait += t2 - launched
-        times.update += t3 - t2
-        times.emit += t4 - t3
-        times.device += self.runner.device_s
-        if plan.offloaded and times.steps % StepTimes.WAITS_EVERY == 0:
-            times.read_waits(self.runner.transport)  # one small copy; this step's work is done
-        return True
+        self.times.update += t3 - t2
+        self.times.emit += time.perf_counter() - t3
+
+    def _drop_pending(self) -> None:
+        """After a failed step: wait out the step in flight (its tokens are dropped), free what it held."""
+        if self._pending is not None:
+            try:
+                if self._pending.ready is not None:
+                    self._pending.ready.synchronize()
+            except Exception:
+                log.exception("dropping the decode step in flight failed")
+            self._pending = None
+        self.scheduler.release_held(None)
 
     def _loop(self) -> None:
         bind(self.runner.device, own_stream=True)
@@ -519,4 +694,12 @@ class DecodeEngine:
             except Exception as e:  # never let one bad step kill the loop silently
                 log.exception("decode step failed")
                 self.runner.transport.close()  # the executor lets go of a step we will not finish
+                self._drop_pending()
                 self.emit(self.scheduler.fail_all(f"decode step failed: {type(e).__name__}: {e}"))
+                self.scheduler.release_held(None)
+        if self._pending is not None:  # stopping: the step in flight still delivers its tokens
+            try:
+                self._finish(self._pending)
+            except Exception:
+                log.exception("the last decode step failed")
+                self._drop_pending()

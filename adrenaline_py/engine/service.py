@@ -48,7 +48,7 @@ class DecodeService:
         runner.gate = HostGate() if device.type == "cuda" else None
         self.outputs = OutputWorkers(tokenizer, send, lambda seq_id: scheduler.abort(seq_id, "stop"),
                                      engine.num_sender_threads, gate=runner.gate)
-        self.loop = DecodeEngine(scheduler, runner, self.outputs.submit)
+        self.loop = DecodeEngine(scheduler, runner, self.outputs.submit, overlap=engine.overlap_steps)
         self.outputs.start()
         self.loop.start()
 
