@@ -237,3 +237,50 @@ def test_overlapped_steps_fall_back_to_synchronous_steps_for_penalties_and_bad_w
     assert [c.output_ids for c in got] == [c.output_ids for c in sync]
     assert loop.overlapped_steps == 0
     assert all(n == total for n, total in free.values())
+
+
+def test_overlapped_steps_recover_when_the_executor_is_lost_mid_step(tiny_hf):
+    """The executor's answers stop in the middle of an overlapped step: the step before it is
+    committed, the next tries run synchronously, and the recovery recomputes the offloaded requests'
+    KV in decode's pool; every output still equals transformers'."""
+    from adrenaline_py.transport import ExecutorGone
+
+    hf, ckpt = tiny_hf
+    prompts = [[3, 4, 5, 6], list(range(100, 130)), [77] * 12]
+    n_new = 14
+    expected = [hf_greedy(hf, p, n_new) for p in prompts]
+    with LocalEngine(ckpt, small_engine_config(offload="always", overlap_steps=True)) as engine:
+        transport = engine.decode.runner.transport
+        real_recv, calls = transport.recv, {"n": 0}
+
+        def breaking_recv(layer, out, part=0, row0=0):
+            calls["n"] += 1
+            if calls["n"] > 3 * ckpt.config.num_hidden_layers:  # from layer 0 of the 4th offloaded step on
+                transport.close()
+                raise ExecutorGone("connection reset (test)")
+            return real_recv(layer, out, part, row0)
+
+        transport.recv = breaking_recv
+        got = engine.generate(prompts, [greedy(n_new) for _ in prompts])
+        loop = engine.decode.loop
+        recovered, overlapped = loop.num_recovered, loop.overlapped_steps
+    assert [c.output_ids for c in got] == expected
+    assert recovered == len(prompts) and overlapped > 0
+
+
+def test_overlapped_steps_end_a_request_at_its_stop_string_and_free_its_blocks(tiny_hf):
+    """A stop string is found on an output thread, which aborts the request while steps are in
+    flight: the text ends at the stop string as without overlap, and every block comes back."""
+    _, ckpt = tiny_hf
+    prompts = [[40, 41, 42], list(range(60, 90))]
+    free, _, _ = _engine_tokens(ckpt, prompts, [greedy(20), greedy(20)], offload="ratio:0.5")
+    text = free[0].text  # a dummy byte tokenizer's text: take a printable character seen first late on
+    stop = next(c for i, c in enumerate(text) if i >= 3 and c.isprintable() and c != "\ufffd" and c not in text[:i])
+    params = [greedy(20, stop=(stop,)), greedy(20)]
+    sync, _, _ = _engine_tokens(ckpt, prompts, params, offload="ratio:0.5")
+    got, loop, blocks = _engine_tokens(ckpt, prompts, params, offload="ratio:0.5", overlap_steps=True)
+    assert got[0].finish_reason == sync[0].finish_reason == "stop"
+    assert got[0].text == sync[0].text and stop not in got[0].text
+    assert got[1].output_ids == sync[1].output_ids == free[1].output_ids
+    assert loop.overlapped_steps > 0
+    assert all(n == total for n, total in blocks.values())

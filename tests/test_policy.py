@@ -177,3 +177,18 @@ def test_migrated_request_moves_its_generated_tokens_to_decode():
     sched.migrate_to_local(seq, [5, 6])
     assert sched.generated == {"decode": 2, "executor": 0} and freed == ["executor"]
 
+
+
+def test_serve_flags_reach_the_engine_config(tmp_path):
+    import argparse
+
+    from adrenaline_py.cli import _engine_args, engine_config_from_args
+
+    p = argparse.ArgumentParser()
+    _engine_args(p)
+    cfg = engine_config_from_args(p.parse_args(["--offload", "spill", "--overlap-steps"]))
+    assert cfg.offload == "spill" and cfg.overlap_steps
+    default = engine_config_from_args(p.parse_args([]))
+    assert default.offload == "auto" and not default.overlap_steps
+    cfg.save(tmp_path / "engine.json")
+    assert EngineConfig.load(tmp_path / "engine.json").overlap_steps    # what the roles read

@@ -243,8 +243,7 @@ class DecodeScheduler:
 
     def release_held(self, collected: int | None) -> None:
         """Step ``collected`` is done (None: every step): free the held requests no step in flight uses."""
-        if collected is not None:
-            self.steps_collected = collected
+        self.steps_collected = self.steps_launched if collected is None else collected
         if not self._held:
             return
         keep = []
@@ -625,12 +624,13 @@ class DecodeEngine:
         self.scheduler.steps_launched = self._launched
         try:
             launched = self.runner.launch(plan, pending)
-        except ExecutorGone:  # host transport: step N is done; redo N+1 synchronously, with recovery
-            self._launched -= 1
+        except ExecutorGone:  # host transport: step N is done; the next steps run synchronously until
+            self._launched -= 1  # one has recovered (moved the executor's requests to decode)
             self.scheduler.steps_launched = self._launched
             if pending is not None:
                 self._finish(pending)
-            return True
+                return True
+            return self._run_step(plan, t0)
         launched.step_id = self._launched
         self.overlapped_steps += pending is not None
         self._pending = launched
