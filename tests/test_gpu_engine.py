@@ -188,7 +188,8 @@ def test_cuda_graph_decode_logits_match_transformers(dtype, tmp_path):
 # with every row offloaded; fail after 3 minutes rather than at pyproject's 15.
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("offload", ["never", "always", "ratio:0.5", "always, two batches"])
+@pytest.mark.parametrize("offload", ["never", "always", "ratio:0.5", "always, two batches", "never, overlapped steps",
+                                     "ratio:0.5, overlapped steps"])
 def test_local_engine_on_gpu_offloaded_and_local_agree(offload, layout, tmp_path):
     """The whole engine on the GPUs (pools and exchange buffers in CUDA IPC memory, graphs on, the
     device transport): float32, greedy, against transformers on the same weights."""
@@ -206,14 +207,17 @@ def test_local_engine_on_gpu_offloaded_and_local_agree(offload, layout, tmp_path
     expected = [hf.generate(torch.tensor([p], device=DEVICE), max_new_tokens=n_new, min_new_tokens=n_new,
                             do_sample=False, pad_token_id=0, eos_token_id=None)[0, len(p):].tolist() for p in prompts]
     two_batch = "on" if offload.endswith("two batches") else "off"
+    overlap = offload.endswith("overlapped steps")  # --overlap-steps: steps launched ahead (local-only ones on GPUs)
     offload = offload.split(",")[0]
     cfg = small_engine_config(device="cuda", offload=offload, run_dir=str(tmp_path), prefill_gpu=layout[0],
-                              decode_gpu=layout[1], two_batch_overlap=two_batch)
+                              decode_gpu=layout[1], two_batch_overlap=two_batch, overlap_steps=overlap)
     with LocalEngine(ckpt, cfg, dtype=torch.float32) as engine:
         got = engine.generate(prompts, [greedy(n_new) for _ in prompts])
         graphs = engine.decode.runner.graphs
         assert graphs is not None and graphs.num_graphs == len(graphs.keys)  # 2-D keys, all captured
         assert (engine.decode.runner.two_batch_steps > 0) == (two_batch == "on")
+        if overlap and offload == "never":
+            assert engine.decode.loop.overlapped_steps > 0
         if two_batch == "on":  # the executor replayed captured two-batch steps too
             assert (16, 8) in engine.executor.graphs._graphs.graphs
         if offload != "never":
