@@ -31,7 +31,7 @@ POOL_NAMES = ("decode", "executor")
 
 # Allocator state (int64): header, a stack of free block ids, then per block the prompt length of
 # the sequence whose table starts with that block (so that `free` needs no more than the table).
-_NUM_BLOCKS, _NUM_FREE, _NUM_SEQS, _RESERVED_TOKENS, _PROMPT_TOKENS, _GENERATED_TOKENS = range(6)
+_NUM_BLOCKS, _NUM_FREE, _NUM_SEQS, _RESERVED_TOKENS, _PROMPT_TOKENS, _GENERATED_TOKENS, _STEP_US = range(7)
 _HEADER = 8
 
 
@@ -102,6 +102,15 @@ class BlockAllocator:
     def publish_generated(self, num_tokens: int) -> None:
         """Set the tokens generated so far by the sequences in this pool (decode's loop is the one writer)."""
         self._view[_GENERATED_TOKENS] = num_tokens
+
+    def publish_step_time(self, seconds: float) -> None:
+        """Set decode's recent time between steps (0 while it is idle); decode's loop is the one writer."""
+        self._view[_STEP_US] = round(seconds * 1e6)
+
+    @property
+    def step_time_s(self) -> float:
+        """Decode's recent time between steps, as it published it (admission's TPOT gate reads it)."""
+        return int(self._view[_STEP_US]) / 1e6
 
     def allocate(self, num_blocks: int, reserved_tokens: int, prompt_tokens: int = 0) -> list[int] | None:
         """Blocks for one sequence, or None when the pool cannot hold it now.

@@ -293,3 +293,34 @@ def test_a_later_request_waits_behind_an_earlier_one(pools):
     pools["decode"].free(held_b, 16)
     late.join(5)
     assert [n for n, _ in got] == ["waiter", "late"]
+
+
+# --- the TPOT gate ------------------------------------------------------------------------------
+
+def test_with_a_tpot_slo_admission_waits_while_decode_steps_are_near_it(pools):
+    adm = Admission(lambda name: pools[name], OffloadPolicy("never"), BLOCK, 5.0, poll_s=0.002, tpot_slo_s=0.05)
+    pools["decode"].publish_step_time(0.046)          # ≥ 0.9 × 50 ms: decode is at its SLO
+    timer = threading.Timer(0.1, pools["decode"].publish_step_time, args=(0.02,))
+    start = time.monotonic()
+    timer.start()
+    try:
+        ticket = adm.admit(4, 4)
+    finally:
+        timer.cancel()
+    assert ticket.pool == "decode" and time.monotonic() - start >= 0.1
+    assert adm.num_held_for_tpot == 1
+    assert adm.admit(4, 4).pool == "decode" and adm.num_held_for_tpot == 1   # steps are fast now: at once
+
+
+def test_without_a_tpot_slo_decode_step_time_does_not_hold_requests(pools):
+    adm = admission(pools, "never", timeout_s=0.05)
+    pools["decode"].publish_step_time(10.0)
+    assert adm.admit(4, 4).pool == "decode" and adm.num_held_for_tpot == 0
+
+
+def test_a_request_held_at_the_tpot_slo_times_out_with_that_reason(pools):
+    adm = Admission(lambda name: pools[name], OffloadPolicy("auto"), BLOCK, 0.05, poll_s=0.002, tpot_slo_s=0.05)
+    pools["decode"].publish_step_time(0.06)
+    with pytest.raises(AdmissionTimeout, match="TPOT SLO"):
+        adm.admit(4, 4)
+    assert pools["decode"].num_free == 8 and pools["executor"].num_free == 4

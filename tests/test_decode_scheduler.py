@@ -228,6 +228,9 @@ class CountingAllocator(FakeAllocator):
     def publish_generated(self, n):
         pass
 
+    def publish_step_time(self, seconds):
+        pass
+
 
 class FailOnceRunner:
     """Raises on its first step (a failed decode step), then returns token 7 for every row."""
@@ -335,3 +338,28 @@ def test_with_steps_in_flight_a_finished_request_keeps_its_blocks_until_they_are
     sched.abort(2)
     sched.schedule()
     assert freed(pools)[-1] == ([20, 21], 3 + 8)
+
+
+class StepTimeAllocator(CountingAllocator):
+    def __init__(self):
+        super().__init__()
+        self.step_times = []
+
+    def publish_step_time(self, seconds):
+        self.step_times.append(seconds)
+
+
+def test_the_loop_publishes_its_time_between_steps_and_zero_once_idle():
+    """What admission's TPOT gate reads: the time between decode's steps (an EWMA) while busy, 0 idle."""
+    pools = {"decode": FakePool(), "executor": FakePool()}
+    for pool in pools.values():
+        pool.allocator = StepTimeAllocator()
+    sched = DecodeScheduler(pools.__getitem__, 4)
+    engine = DecodeEngine(sched, SlowRunner(0.01), lambda evs: None)
+    engine.add(make_seq(1, max_tokens=8))
+    while engine.step():
+        pass
+    published = pools["decode"].allocator.step_times
+    busy, last = published[:-1], published[-1]
+    assert len(busy) == 6 and all(0.009 <= t < 0.1 for t in busy)   # 7 steps: 6 intervals
+    assert last == 0.0 and engine.step_interval_s == 0.0           # the loop found no work

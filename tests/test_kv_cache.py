@@ -263,3 +263,12 @@ def test_too_little_memory_is_a_clear_error():
         plan_pool_blocks(LLAMA7B, cuda_engine(prefill_gpu=0, decode_gpu=1), {0: small, 1: small}, 0.3)
     with pytest.raises(ValueError, match="no memory figures for GPU 1"):
         plan_pool_blocks(LLAMA7B, cuda_engine(prefill_gpu=0, decode_gpu=1), {0: H80}, 0.3)
+
+
+def test_decode_step_time_published_in_one_process_is_read_in_another(tmp_path):
+    mine = BlockAllocator.create(tmp_path, "decode", 8)
+    theirs = BlockAllocator.attach(tmp_path, "decode", 8)     # admission's view of decode's pool
+    assert theirs.step_time_s == 0.0
+    mine.publish_step_time(0.0375)
+    assert theirs.step_time_s == pytest.approx(0.0375)
+    assert theirs.num_free == 8 and theirs.current_tokens == 0  # the other counters are untouched

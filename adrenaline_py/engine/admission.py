@@ -2,6 +2,13 @@
 
 Blocks for prompt + max_tokens are taken before prefill runs, so prefill can write the prompt's
 K/V straight into its final place and decode never runs out of blocks mid-request.
+
+With a TPOT SLO (``--tpot-slo``) admission also waits while decode's steps are already close to it
+(`STEP_GATE` of the SLO, as decode publishes its time between steps): every request admitted joins
+decode's batch and lengthens every step, so past that point a new request would cost the running
+ones their SLO. It waits as it waits for KV room (first come, first served, within the admission
+timeout); decode's memory alone would let the batch grow until the steps miss the SLO (docs/
+performance.md, sixth run).
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ class Ticket:
 
 
 CANCEL_CHECK_S = 0.1  # how often a request waiting for KV room asks whether its client left
+STEP_GATE = 0.9       # admission waits while decode's time between steps is at least this share of the TPOT SLO
 
 
 def _load(a: BlockAllocator) -> PoolLoad:
@@ -56,6 +64,7 @@ class Admission:
         poll_s: float = 0.005,
         max_waiting: int | None = None,
         executor_alive: Callable[[], bool] = lambda: True,
+        tpot_slo_s: float | None = None,
     ) -> None:
         self._allocators = allocators
         self.policy = policy
@@ -64,6 +73,8 @@ class Admission:
         self.poll_s = poll_s
         self.max_waiting = max_waiting
         self.executor_alive = executor_alive
+        self.tpot_slo_s = tpot_slo_s
+        self.num_held_for_tpot = 0  # requests that waited because decode's steps were near the TPOT SLO
         self._lock = threading.Lock()
         self._queue: deque[threading.Event] = deque()  # requests waiting for KV room, first come first served
         self.num_waiting = 0  # requests waiting for KV room now
@@ -87,10 +98,12 @@ class Admission:
                 f"request needs {n} KV blocks (prompt + max_tokens = {reserved} tokens), more than a pool holds "
                 f"({max(capacity.values())} blocks)"
             )
-        if not self._queue:  # nobody waits: no one to overtake
+        saturated = self.decode_saturated()
+        if not self._queue and not saturated:  # nobody waits: no one to overtake
             ticket = self._try(order, capacity, n, reserved, num_prompt_tokens)
             if ticket is not None:
                 return ticket
+        self.num_held_for_tpot += saturated
         me = threading.Event()  # set when this request becomes the oldest waiting one
         with self._lock:
             if self.max_waiting is not None and self.num_waiting >= self.max_waiting:
@@ -113,7 +126,8 @@ class Admission:
                     time.sleep(self.poll_s)
                     if self.policy.reconsiders:  # decode's room and OB's margin change while we wait
                         order = self._order(reserved, n, num_prompt_tokens)
-                    if any(n <= self._allocators(name).num_free for name in order):  # no lock to read
+                    saturated = self.decode_saturated()
+                    if not saturated and any(n <= self._allocators(name).num_free for name in order):  # no lock
                         ticket = self._try(order, capacity, n, reserved, num_prompt_tokens)
                         if ticket is not None:
                             return ticket
@@ -125,6 +139,10 @@ class Admission:
                         raise RequestCancelled("request cancelled while waiting for KV cache room")
                 if now > deadline:
                     self.rejected["timeout"] += 1
+                    if saturated:
+                        raise AdmissionTimeout(
+                            f"decode at its TPOT SLO ({self.tpot_slo_s * 1e3:.0f} ms per token) for "
+                            f"{self.timeout_s:.0f}s: the request was not admitted; retry later")
                     raise AdmissionTimeout(
                         f"KV cache full: no room for {n} blocks within {self.timeout_s:.0f}s; retry later"
                     )
@@ -134,6 +152,12 @@ class Admission:
                 self._queue.remove(me)
                 if self._queue:
                     self._queue[0].set()
+
+    def decode_saturated(self) -> bool:
+        """Whether decode's steps are already near the TPOT SLO (never without one)."""
+        if self.tpot_slo_s is None:
+            return False
+        return self._allocators("decode").step_time_s >= STEP_GATE * self.tpot_slo_s
 
     def _executor_up(self) -> bool:
         return self._uses_executor and self.executor_alive()

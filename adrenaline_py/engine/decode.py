@@ -233,6 +233,10 @@ class DecodeScheduler:
         seq.pool, seq.block_table = "decode", block_table
         self.generated["decode"] += len(seq.output_ids) - 1
 
+    def publish_step_time(self, seconds: float) -> None:
+        """Tell admission how long decode's steps take now (the time between a request's tokens)."""
+        self._pools("decode").allocator.publish_step_time(seconds)
+
     def publish_load(self) -> None:
         """Tell each pool's allocator how many tokens its requests generated so far (one store each)."""
         for name, n in self.generated.items():
@@ -345,6 +349,9 @@ class Launched:
     t0: float = 0.0             # perf_counter: the step's schedule began, prepared from, launched at
     t1: float = 0.0
     launched_at: float = 0.0
+
+
+STEP_EWMA = 0.2  # weight of the newest step in the published step time
 
 
 def _last_in(seq: Sequence, pending: Launched) -> bool:
@@ -528,6 +535,9 @@ class DecodeEngine:
         self._pending: Launched | None = None  # the step launched and not yet collected
         self._launched = 0                     # steps launched so far (ids of `Launched.step_id`)
         self.overlapped_steps = 0              # steps launched while the one before was in flight
+        # The time between steps (EWMA), published for admission's TPOT gate (engine/admission.py)
+        self.step_interval_s = 0.0
+        self._last_commit: float | None = None
         self.num_steps = 0
         self.num_recovered = 0     # offloaded requests moved to decode after an executor failure
         self.batch_sizes: list[tuple[int, int]] = []  # (local, offloaded) per step, drained by metrics
@@ -561,8 +571,13 @@ class DecodeEngine:
                 gate.open()
 
     def _step(self, t0: float) -> bool:
-        if self.overlap:
-            return self._step_overlapped(t0)
+        busy = self._step_overlapped(t0) if self.overlap else self._step_sync(t0)
+        if not busy and self._last_commit is not None:  # idle: no step time to keep requests out
+            self._last_commit, self.step_interval_s = None, 0.0
+            self.scheduler.publish_step_time(0.0)
+        return busy
+
+    def _step_sync(self, t0: float) -> bool:
         plan, events = self.scheduler.schedule()
         if events:
             self.emit(events)
@@ -667,6 +682,12 @@ class DecodeEngine:
     def _commit(self, plan: DecodePlan, tokens: list[int], t2: float) -> None:
         events = self.scheduler.update(plan, tokens)
         self.scheduler.publish_load()
+        if self._last_commit is not None:
+            gap = t2 - self._last_commit
+            self.step_interval_s = gap if not self.step_interval_s else \
+                STEP_EWMA * gap + (1 - STEP_EWMA) * self.step_interval_s
+            self.scheduler.publish_step_time(self.step_interval_s)
+        self._last_commit = t2
         t3 = time.perf_counter()
         if self.runner.gate is not None:  # the events are out: the output threads' turn
             self.runner.gate.open()

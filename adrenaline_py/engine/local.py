@@ -72,7 +72,8 @@ class LocalEngine:
                                      engine.max_prefill_tokens)
         policy = OffloadPolicy(engine.offload, engine.offload_bound)
         self.admission = Admission(lambda n: self.pools[n].allocator, policy, engine.block_size,
-                                   engine.admission_timeout_s)
+                                   engine.admission_timeout_s,
+                                   tpot_slo_s=engine.tpot_slo_ms / 1e3 if engine.tpot_slo_ms else None)
         self._results: dict[int, list[ResponseChunk]] = {}
         self._done: dict[int, threading.Event] = {}
         self.decode = DecodeService(model, ckpt.tokenizer, engine, dtype, lambda n: self.pools[n], self._collect)

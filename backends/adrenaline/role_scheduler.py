@@ -80,7 +80,8 @@ class Role:
         log.info("offload %s; %s", e.offload, why)
         self.admission = Admission(self._allocator, OffloadPolicy(e.offload, bound), e.block_size,
                                    e.admission_timeout_s, max_waiting=e.max_queued_requests,
-                                   executor_alive=lambda: executor_state(e.run_dir) is not None)
+                                   executor_alive=lambda: executor_state(e.run_dir) is not None,
+                                   tpot_slo_s=e.tpot_slo_ms / 1e3 if e.tpot_slo_ms else None)
         workers = e.max_queued_requests + 2 * e.max_decode_batch  # waiting ones + those in prefill
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="admit")
         self.metrics = SchedulerMetrics(self.admission)
@@ -226,11 +227,19 @@ class SchedulerMetrics:
                                 "requests rejected at admission, by reason", "COUNTER")
         self._admitted = family("adrenaline_admitted_total", "requests admitted, by KV pool (executor = offloaded)",
                                 "COUNTER")
+        self.held_for_tpot = family("adrenaline_admission_held_for_tpot_total",
+                                    "requests that waited because decode's steps were near --tpot-slo",
+                                    "COUNTER").Metric()
+        self._held_seen = 0
         self._metrics: dict[tuple[str, str], object] = {}
         self._seen: Counter[tuple[str, str]] = Counter()
 
     def update(self) -> None:
         self.waiting.set(self.admission.num_waiting)
+        held = self.admission.num_held_for_tpot
+        if held > self._held_seen:
+            self.held_for_tpot.increment(held - self._held_seen)
+            self._held_seen = held
         self.bound.set(self.admission.policy.bound)
         try:
             loads = self.admission.loads()
