@@ -70,11 +70,15 @@ def graph_keys(max_batch: int, offload: bool = True) -> list[tuple[int, int]]:
     return keys
 
 
-def take_tokens(values: torch.Tensor, prev_tokens: torch.Tensor) -> None:
-    """Column 0 of ``values`` [B, >= 5] takes ``prev_tokens[values[:, 4]]`` where column 4 is >= 0:
-    the inputs of rows whose last token the previous step chose and the host has not seen yet."""
-    src = values[:, 4]
-    values[:, 0] = torch.where(src >= 0, prev_tokens[src.clamp(min=0)], values[:, 0])
+def pending_tokens(ids: torch.Tensor, src: torch.Tensor, prev_tokens: torch.Tensor) -> torch.Tensor:
+    """``ids`` with ``prev_tokens[src]`` where ``src`` >= 0: the inputs of rows whose last token the
+    previous step chose and the host has not seen yet (overlapped steps)."""
+    return torch.where(src >= 0, prev_tokens[src.clamp(min=0)], ids)
+
+
+def cut_buckets(buckets: list[int]) -> list[int]:
+    """The offloaded buckets whose all-offloaded steps may run as two batches, cut at bucket // 2."""
+    return [nb for nb in buckets if nb >= 16]
 
 
 def _bucket(buckets: list[int], n: int) -> int | None:
@@ -199,7 +203,7 @@ class DecodeGraphs:
         # (local bucket, offloaded bucket, split): split = nb // 2 cuts an all-offloaded step in two
         self.keys = [(mb, nb, 0) for mb, nb in pairs]
         if offload and two_batch:
-            self.keys += [(0, nb, nb // 2) for nb in self.remote_buckets if nb >= 16]
+            self.keys += [(0, nb, nb // 2) for nb in cut_buckets(self.remote_buckets)]
         # per row: token, position, context length, table row, and the row of the previous step's
         # token tensor that holds this row's token (-1: the token column has it; overlapped steps)
         self.inputs = BatchInputs(rows, [0, 0, 1, rows, -1], -(-max_model_len // self.block_size), self.device)
@@ -283,7 +287,8 @@ class DecodeGraphs:
                   for t, p, s, r in zip(input_ids[m:], positions[m:], seq_lens[m:], src[m:])]
         self.inputs.write([(0, local), (mb, remote)], mb + nb)
         if prev_tokens is not None:
-            take_tokens(self.inputs.values[: mb + nb], prev_tokens)
+            values = self.inputs.values[: mb + nb]
+            values[:, 0] = pending_tokens(values[:, 0], values[:, 4], prev_tokens)
         graph.replay()
         if n == m:
             return hidden[:m]
@@ -310,7 +315,7 @@ class ExecutorGraphs:
         # (bucket, split): split = bucket // 2 for the two-batch cut decode makes of an all-offloaded step
         self.keys = [(nb, 0) for nb in self.buckets]
         if two_batch:
-            self.keys += [(nb, nb // 2) for nb in self.buckets if nb >= 16]
+            self.keys += [(nb, nb // 2) for nb in cut_buckets(self.buckets)]
         self.inputs = BatchInputs(self.buckets[-1], [0, 1, self.buckets[-1]], -(-max_model_len // self.block_size),
                                   self.device)
         self._graphs = _GraphSet(self.device)

@@ -25,7 +25,7 @@ from adrenaline_py.attention import AttentionBackend, DecodeMetadata, build_deco
 from adrenaline_py.attention.offload import OffloadAttentionBackend, OffloadDecodeMetadata, two_batch_metadata
 from adrenaline_py.attention.triton_decode import TritonAttentionBackend
 from adrenaline_py.config import TWO_BATCH_MODES
-from adrenaline_py.engine.cuda_graphs import DecodeGraphs
+from adrenaline_py.engine.cuda_graphs import DecodeGraphs, pending_tokens
 from adrenaline_py.engine.prefill import PrefillItem, PrefillRunner
 from adrenaline_py.kv_cache import RECOMPUTE_PACK_TOKENS, KVPool, blocks_needed
 from adrenaline_py.models.llama import LlamaForCausalLM
@@ -417,7 +417,7 @@ class DecodeRunner:
         in it take their input token from its device tokens, and count that token as generated."""
         seqs = plan.seqs
         m, n = len(plan.local), len(plan.offloaded)
-        ahead = [1 if pending is not None and s.seq_id in pending.rows else 0 for s in seqs]
+        ahead = [int(s.seq_id in pending.rows) for s in seqs] if pending is not None else [0] * len(seqs)
         lens = [s.num_tokens + a for s, a in zip(seqs, ahead)]
         token_rows = [pending.rows[s.seq_id] if a else -1 for s, a in zip(seqs, ahead)] if pending else None
         prev = pending.tokens if pending is not None and any(ahead) else None
@@ -442,8 +442,7 @@ class DecodeRunner:
             dev = self.device
             input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
             if prev is not None:
-                src = torch.tensor(token_rows, dtype=torch.long, device=dev)
-                input_ids = torch.where(src >= 0, prev[src.clamp(min=0)], input_ids)
+                input_ids = pending_tokens(input_ids, torch.tensor(token_rows, dtype=torch.long, device=dev), prev)
             positions = torch.tensor([x - 1 for x in lens], dtype=torch.long, device=dev)
             if split:
                 hidden = self.model.forward_two_batches(input_ids, positions, self.backend,
