@@ -44,6 +44,7 @@ waits from the host, and the step is redone after recovery (adrenaline_py/engine
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import pickle
@@ -411,14 +412,18 @@ class OffloadTransport(ABC):
         self._known = current
         self._step_id += 1
 
-    def finish_step(self) -> None:
-        """Once the step's device work is enqueued: wait for it; raise `ExecutorGone` if it must be redone."""
+    def step_launched(self) -> None:
+        """A step with offloaded rows has all its device work enqueued (watch it until it lands)."""
         return None
 
-    #: Whether a step's exchange is over when its work has been enqueued (the host transport: each
-    #: layer's round trip happens on the host). Only then may decode launch the next step before
-    #: this one's tokens reach the host; the device transport's watchdog follows one step at a time.
-    finishes_in_launch = True
+    def step_landed(self) -> None:
+        """The oldest launched step's device work is done (the caller waited for it); raise
+        `ExecutorGone` if its offloaded rows must be redone."""
+        return None
+
+    def step_dropped(self) -> None:
+        """The oldest launched step's device work is done and its result is thrown away."""
+        return None
 
     # data -------------------------------------------------------------------------------------------
     @abstractmethod
@@ -484,7 +489,7 @@ class DeviceTransport(OffloadTransport):
     A step is watched while it runs: if the executor's connection ends (an error or its death),
     its process is gone, or the step outlasts ``timeout_s`` (then the executor is killed: its
     supervisor starts a new one), the watchdog releases decode's waits from the host and
-    `finish_step` raises `ExecutorGone` once the GPU has finished the step.
+    `step_landed` raises `ExecutorGone` once the GPU has finished the step.
     """
 
     capturable = True
@@ -497,7 +502,7 @@ class DeviceTransport(OffloadTransport):
         self._release_stream = torch.cuda.Stream(device)
         self._failure: str | None = None
         self._watch = threading.Condition()
-        self._in_flight = False
+        self._launched: collections.deque[float] = collections.deque()  # launch times of steps in flight
         self._stop = False
         self._watchdog = threading.Thread(target=self._watch_loop, name="offload-watchdog", daemon=True)
         self._watchdog.start()
@@ -519,25 +524,28 @@ class DeviceTransport(OffloadTransport):
         out.copy_(b.out[row0:row0 + out.shape[0]])
 
     def wait_seconds(self) -> tuple[float, float, float] | None:
-        return self.buffers.wait_seconds()
+        with torch.cuda.stream(self._release_stream):  # not behind the steps in flight on decode's stream
+            return self.buffers.wait_seconds()
 
-    finishes_in_launch = False
-
-    def finish_step(self) -> None:
-        done = torch.cuda.Event()
-        done.record(torch.cuda.current_stream(self.device))
+    # Steps are watched from launch to landing; up to two are in flight when decode overlaps steps.
+    def step_launched(self) -> None:
         with self._watch:
-            self._failure, self._in_flight, self._started = None, True, time.monotonic()
+            if not self._launched:  # a new run of steps: an old failure was already reported
+                self._failure = None
+            self._launched.append(time.monotonic())
             self._watch.notify_all()
-        try:
-            done.synchronize()  # no GIL held; the watchdog releases the waits if the executor fails
-        finally:
-            with self._watch:
-                self._in_flight = False
-        if self._failure is not None:
+
+    def step_landed(self) -> None:
+        with self._watch:
+            self._launched.popleft()
             failure = self._failure
+        if failure is not None:
             self.close()
             raise ExecutorGone(failure)
+
+    def step_dropped(self) -> None:
+        with self._watch:
+            self._launched.popleft()
 
     def _watch_loop(self) -> None:
         from adrenaline_py.placement import bind
@@ -545,22 +553,27 @@ class DeviceTransport(OffloadTransport):
         bind(self.device)
         while True:
             with self._watch:
-                while not self._in_flight and not self._stop:
+                while not self._launched and not self._stop:
                     self._watch.wait()
                 if self._stop:
                     return
-                channel, started = self.channel, self._started
+                channel, started = self.channel, self._launched[0]
             failure = self._check(channel, started)
-            if failure is not None:
-                with self._watch:
-                    if not self._in_flight:
-                        continue
-                    self._failure = failure
-                log.error("offloaded step failed: %s; releasing decode's waits", failure)
+            if failure is None:
+                continue
+            with self._watch:
+                if not self._launched:
+                    continue
+                self._failure = failure
+            log.error("offloaded step failed: %s; releasing decode's waits", failure)
+            # Until every launched step has landed: a step queued behind the failed one waits on
+            # the flags again, so they are set again (10 ms apart).
+            while True:
                 self._release()
                 with self._watch:
-                    while self._in_flight and not self._stop:
-                        self._watch.wait(0.1)
+                    if not self._launched or self._stop:
+                        break
+                    self._watch.wait(0.01)
 
     def _check(self, channel: Channel | None, started: float) -> str | None:
         """Why the in-flight step cannot complete, or None (returns after at most ~10 ms)."""
@@ -687,12 +700,17 @@ class DeviceEndpoint(ExecutorEndpoint):
         enqueue_step(self.buffers, self.model.num_hidden_layers, batches, dry)
 
     def abort(self) -> None:
-        # decode is gone mid-step (or never sent the rest): let this connection's waits pass
+        # decode is gone mid-step (or never sent the rest): let this connection's waits pass, again
+        # every 10 ms while its layers run (a second step, queued behind the first, waits anew)
         b = self.buffers
-        with torch.cuda.stream(self._release_stream):
-            b.ctrl[b.q_flags: b.q_flags + 2 * self.model.num_hidden_layers].fill_(self.epoch)
-        self._release_stream.synchronize()
-        torch.cuda.current_stream(self.device).synchronize()  # this connection's layers have run
+        work = torch.cuda.current_stream(self.device)
+        while True:
+            with torch.cuda.stream(self._release_stream):
+                b.ctrl[b.q_flags: b.q_flags + 2 * self.model.num_hidden_layers].fill_(self.epoch)
+            self._release_stream.synchronize()
+            if work.query():  # this connection's layers have run
+                return
+            time.sleep(0.01)
 
 
 def enqueue_step(buffers: ExchangeBuffers, num_layers: int, batches: list[Batch], dry: bool = False) -> None:

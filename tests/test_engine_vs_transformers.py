@@ -268,6 +268,44 @@ def test_overlapped_steps_recover_when_the_executor_is_lost_mid_step(tiny_hf):
     assert recovered == len(prompts) and overlapped > 0
 
 
+def test_overlapped_steps_redo_a_step_whose_executor_failure_shows_at_collection(tiny_hf):
+    """As the device transport reports it: step N's offloaded rows are found void only when N's tokens
+    are collected, while step N+1 (fed N's tokens on the device) is already launched. N+1 is waited
+    out and thrown away, N is redone after the recovery; every output still equals transformers'
+    and every block comes back."""
+    from adrenaline_py.transport import ExecutorGone
+
+    hf, ckpt = tiny_hf
+    prompts = [[3, 4, 5, 6], list(range(100, 130)), [77] * 12]
+    n_new = 14
+    expected = [hf_greedy(hf, p, n_new) for p in prompts]
+    with LocalEngine(ckpt, small_engine_config(offload="always", overlap_steps=True)) as engine:
+        transport = engine.decode.runner.transport
+        real_landed, real_dropped = transport.step_landed, transport.step_dropped
+        landed, dropped = {"n": 0}, {"n": 0}
+
+        def failing_landed():
+            landed["n"] += 1
+            real_landed()
+            if landed["n"] == 4:  # the 4th offloaded step: its executor went away mid-step
+                transport.close()
+                raise ExecutorGone("executor died (test)")
+
+        def counting_dropped():
+            dropped["n"] += 1
+            real_dropped()
+
+        transport.step_landed, transport.step_dropped = failing_landed, counting_dropped
+        got = engine.generate(prompts, [greedy(n_new) for _ in prompts])
+        loop = engine.decode.loop
+        recovered, overlapped = loop.num_recovered, loop.overlapped_steps
+        free = {name: (pool.allocator.num_free, pool.allocator.num_blocks) for name, pool in engine.pools.items()}
+    assert [c.output_ids for c in got] == expected
+    assert recovered == len(prompts) and overlapped > 0
+    assert dropped["n"] == 1                                   # step N+1 was in flight and thrown away
+    assert all(n == total for n, total in free.values())
+
+
 def test_overlapped_steps_end_a_request_at_its_stop_string_and_free_its_blocks(tiny_hf):
     """A stop string is found on an output thread, which aborts the request while steps are in
     flight: the text ends at the stop string as without overlap, and every block comes back."""

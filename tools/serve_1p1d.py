@@ -158,7 +158,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="dummy:llama-2-7b")
     p.add_argument("--modes", nargs="+", default=["never", "always"],
-                   help="--offload modes, each optionally with +two-batch=on|off|auto (default auto)")
+                   help="--offload modes, each optionally with +two-batch=on|off|auto (default auto) and +overlap "
+                        "(--overlap-steps)")
     p.add_argument("--prefill-gpu", type=int, default=0)
     p.add_argument("--decode-gpu", type=int, default=1)
     p.add_argument("--prompts", type=int, default=16)
@@ -180,10 +181,12 @@ def main() -> int:
     if a.out:
         Path(a.out).mkdir(parents=True, exist_ok=True)  # the servers' logs go there
     for mode in a.modes:
-        offload, _, two_batch = mode.partition("+two-batch=")  # e.g. always+two-batch=off
+        offload, *opts = mode.split("+")  # e.g. always+two-batch=off, never+overlap (--overlap-steps)
+        two_batch = next((o.split("=", 1)[1] for o in opts if o.startswith("two-batch=")), None)
         engine = EngineConfig(
             model=a.model, device="cuda", prefill_gpu=a.prefill_gpu, decode_gpu=a.decode_gpu, dtype="bfloat16",
             offload=offload, two_batch_overlap=two_batch or EngineConfig.two_batch_overlap,
+            overlap_steps="overlap" in opts,
             max_model_len=a.prompt_tokens + a.output_tokens + 256, max_tokens_limit=a.output_tokens + 128,
             max_decode_batch=max(a.concurrency, a.prompts), num_decode_blocks=a.blocks, num_executor_blocks=a.blocks,
             run_dir="", executor_sm_share=a.executor_sm_share, prefill_sm_share=a.prefill_sm_share,

@@ -346,6 +346,7 @@ class Launched:
     host_tokens: torch.Tensor | None = None  # their copy in (pinned) host memory, done once ``ready`` is
     ready: torch.cuda.Event | None = None    # (CUDA; on CPU the tokens are host tensors already)
     step_id: int = 0            # the engine's count of launched steps (overlapped steps only)
+    offloaded: bool = False     # it has offloaded rows: the transport watches it until it lands
     t0: float = 0.0             # perf_counter: the step's schedule began, prepared from, launched at
     t1: float = 0.0
     launched_at: float = 0.0
@@ -452,14 +453,6 @@ class DecodeRunner:
                 hidden = self.model(input_ids, positions, self.backend, OffloadDecodeMetadata(local_meta, m, n))
         self.launched_at = time.perf_counter()
         logits = self.model.compute_logits(hidden)
-        if n:
-            if self.gate is not None:  # the device transport's wait is on the host: let the output threads run
-                self.gate.open()
-            try:
-                self.transport.finish_step()  # raises ExecutorGone if the offloaded rows must be redone
-            finally:
-                if self.gate is not None:
-                    self.gate.close()
         rows = [SamplingRow(s.params.sampling, s.output_ids, s.prompt_ids, len(s.output_ids) + a)
                 for s, a in zip(seqs, ahead)]
         tokens = choose(logits, rows)
@@ -470,29 +463,44 @@ class DecodeRunner:
             host.copy_(tokens, non_blocking=True)
             ready = torch.cuda.Event()
             ready.record()
+        if n:  # watched until it lands (the device transport: its waits are released if the executor fails)
+            self.transport.step_launched()
         return Launched(plan, tokens, {s.seq_id: i for i, s in enumerate(seqs)}, events, host_tokens=host,
-                        ready=ready)
+                        ready=ready, offloaded=bool(n))
 
     def collect(self, launched: Launched) -> list[int]:
-        """Wait for a launched step's tokens (the one host synchronization of a step)."""
+        """Wait for a launched step's tokens (the one host synchronization of a step). Raises
+        `ExecutorGone` if its offloaded rows must be redone (then all its tokens are void)."""
         if self.gate is not None:  # from here this thread mostly waits for the GPU
             self.gate.open()
+        done = False
         try:
             if launched.ready is not None:
                 launched.ready.synchronize()
             tokens = launched.host_tokens.tolist()
+            done = True
         finally:
             if self.gate is not None:
                 self.gate.close()
+            if launched.offloaded and not done:
+                self.transport.step_dropped()
+        if launched.offloaded:
+            self.transport.step_landed()
         self.device_s = _DeviceSpan.seconds(launched.events)
         return tokens
 
+    def drop(self, launched: Launched) -> None:
+        """Wait out a launched step whose tokens are thrown away."""
+        try:
+            if launched.ready is not None:
+                launched.ready.synchronize()
+        finally:
+            if launched.offloaded:
+                self.transport.step_dropped()
+
     def overlaps(self, plan: DecodePlan, pending: Launched | None) -> bool:
         """Whether ``plan`` may launch before ``pending``'s tokens reach the host: no row's sampling
-        reads its latest token on the host, and the transport finishes its part inside `launch`
-        (the host transport; the device transport's watchdog follows one step at a time)."""
-        if plan.offloaded and not self.transport.finishes_in_launch:
-            return False
+        reads its latest token on the host."""
         return not any(needs_history(s.params.sampling) for s in plan.seqs)
 
     def recompute_locally(self, seqs: list[Sequence]) -> tuple[list[tuple[Sequence, list[int]]], list[Sequence]]:
@@ -591,24 +599,30 @@ class DecodeEngine:
         try:
             tokens = self.runner.run(plan)
         except ExecutorGone as e:
-            # The executor is gone: recompute its requests' KV here and go on locally (those that
-            # do not fit end with an error), then rerun the step; rewriting the same K/V into the
-            # same slots is harmless for the local rows.
-            log.error("attention executor lost (%s): moving %d requests to decode", e, len(plan.offloaded))
-            moved, failed = self.runner.recompute_locally(plan.offloaded)
-            for seq, blocks in moved:
-                self.scheduler.migrate_to_local(seq, blocks)
-            self.num_recovered += len(moved)
-            if failed:
-                self.emit(self.scheduler.fail(failed, f"attention executor failed ({e}) and decode has no KV room "
-                                                      "to take over the request"))
-            plan = DecodePlan(local=plan.local + [seq for seq, _ in moved])
-            if not plan:
-                return True
-            tokens = self.runner.run(plan)
+            self._recover(plan, e, t0)
+            return True
         self._account(plan, t0, t1, min(max(self.runner.launched_at, t1), time.perf_counter()))
         self._commit(plan, tokens, time.perf_counter())
         return True
+
+    def _recover(self, plan: DecodePlan, error: ExecutorGone, t0: float) -> None:
+        """The executor is gone and ``plan``'s step is void: recompute its requests' KV here and go on
+        locally (those that do not fit end with an error), then rerun the step synchronously;
+        rewriting the same K/V into the same slots is harmless for the local rows."""
+        log.error("attention executor lost (%s): moving %d requests to decode", error, len(plan.offloaded))
+        moved, failed = self.runner.recompute_locally(plan.offloaded)
+        for seq, blocks in moved:
+            self.scheduler.migrate_to_local(seq, blocks)
+        self.num_recovered += len(moved)
+        if failed:
+            self.emit(self.scheduler.fail(failed, f"attention executor failed ({error}) and decode has no KV room "
+                                                  "to take over the request"))
+        plan = DecodePlan(local=plan.local + [seq for seq, _ in moved])
+        if plan:
+            t1 = time.perf_counter()
+            tokens = self.runner.run(plan)
+            self._account(plan, t0, t1, min(max(self.runner.launched_at, t1), time.perf_counter()))
+            self._commit(plan, tokens, time.perf_counter())
 
     def _step_overlapped(self, t0: float) -> bool:
         """Launch step N+1 before step N's tokens reach the host, then take N's tokens while N+1 runs:
@@ -638,9 +652,9 @@ class DecodeEngine:
         self.scheduler.steps_launched = self._launched
         try:
             launched = self.runner.launch(plan, pending)
-        except ExecutorGone:  # host transport: step N is done; the next steps run synchronously until
-            self._launched -= 1  # one has recovered (moved the executor's requests to decode)
-            self.scheduler.steps_launched = self._launched
+        except ExecutorGone:  # the executor is unreachable: step N (if any) is taken first, and the
+            self._launched -= 1  # next steps run synchronously until one has recovered (moved the
+            self.scheduler.steps_launched = self._launched  # executor's requests to decode)
             if pending is not None:
                 self._finish(pending)
                 return True
@@ -658,7 +672,14 @@ class DecodeEngine:
         if self._pending is launched:
             self._pending = None
         t2 = time.perf_counter()
-        tokens = self.runner.collect(launched)
+        try:
+            tokens = self.runner.collect(launched)
+        except ExecutorGone as e:
+            # Its offloaded rows are void, and so is the step launched after it (from its tokens):
+            # wait that one out, then redo this one synchronously.
+            self._drop_pending()
+            self._recover(launched.plan, e, launched.t0)
+            return
         self.scheduler.release_held(launched.step_id)
         self._account(launched.plan, launched.t0, launched.t1, launched.launched_at, waited=time.perf_counter() - t2)
         self._commit(launched.plan, tokens, time.perf_counter())
@@ -698,8 +719,7 @@ class DecodeEngine:
         """After a failed step: wait out the step in flight (its tokens are dropped), free what it held."""
         if self._pending is not None:
             try:
-                if self._pending.ready is not None:
-                    self._pending.ready.synchronize()
+                self.runner.drop(self._pending)
             except Exception:
                 log.exception("dropping the decode step in flight failed")
             self._pending = None
