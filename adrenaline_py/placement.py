@@ -14,6 +14,7 @@ process's own device (adrenaline_py/shm.py), so a process only ever works on its
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -71,7 +72,36 @@ def bind(device: torch.device, own_stream: bool = False) -> None:
 
     cuda_driver.make_current(index)  # driver calls (IPC, memory) of this thread use it too
     if own_stream:
-        torch.cuda.set_stream(torch.cuda.Stream(index))  # pool streams are non-blocking: no implicit sync
+        torch.cuda.set_stream(private_stream(device, threading.current_thread().name))
+
+
+_private: dict[tuple[int, str], torch.cuda.Stream] = {}
+_private_lock = threading.Lock()
+
+
+def private_stream(device: torch.device, name: str) -> torch.cuda.Stream:
+    """The stream called ``name`` on ``device``: one CUDA stream that no other name gets in this process.
+
+    torch hands its streams out of a pool of 32 per device, round robin, so two `torch.cuda.Stream()`
+    calls 32 apart (graph captures take many) are the same CUDA stream. Where one side spins on the
+    GPU waiting for another (the offload exchange's flag waits, with decode and the executor in one
+    process on one GPU) or releases such waits (the watchdogs), the streams must differ, or the
+    awaited work queues behind the wait that awaits it. Pool streams are non-blocking (no implicit
+    synchronization with the legacy default stream).
+    """
+    index = device.index if device.index is not None else 0
+    with _private_lock:
+        stream = _private.get((index, name))
+        if stream is None:
+            taken = {s.cuda_stream for (i, _), s in _private.items() if i == index}
+            for _ in range(64):
+                stream = torch.cuda.Stream(index)
+                if stream.cuda_stream not in taken:
+                    break
+            else:
+                raise RuntimeError(f"no CUDA stream of cuda:{index} left for {name!r}: {len(taken)} are private")
+            _private[(index, name)] = stream
+        return stream
 
 
 def bind_role(role: str, engine: EngineConfig) -> torch.device:

@@ -64,6 +64,7 @@ from pathlib import Path
 import torch
 
 from adrenaline_py.config import EngineConfig, ModelConfig
+from adrenaline_py.placement import private_stream
 from adrenaline_py.shm import attach_shared_tensor, create_shared_tensor
 from adrenaline_py.triton_support import tl, triton
 
@@ -499,7 +500,7 @@ class DeviceTransport(OffloadTransport):
         super().__init__(model, engine, dtype, device, timeout_s)
         warm_up_flag_kernels(device)
         self._executor_pid = executor_pid or (lambda: None)
-        self._release_stream = torch.cuda.Stream(device)
+        self._release_stream = private_stream(device, "offload-release-decode")
         self._failure: str | None = None
         self._watch = threading.Condition()
         self._launched: collections.deque[float] = collections.deque()  # launch times of steps in flight
@@ -690,7 +691,7 @@ class DeviceEndpoint(ExecutorEndpoint):
     def __init__(self, *args, **kw) -> None:
         super().__init__(*args, **kw)
         warm_up_flag_kernels(self.device)  # compiled before any capture of a step
-        self._release_stream = torch.cuda.Stream(self.device)
+        self._release_stream = private_stream(self.device, "offload-release-executor")
 
     def run_step(self, batches) -> None:
         self.enqueue_layers(batches)

@@ -187,3 +187,32 @@ def test_decode_sends_no_step_before_the_executor_is_ready(tmp_path, answer):
         thread.join(5.0)
         server.close()
     assert b"".join(got) == b""  # after HELLO (read by accept) nothing came: no STEP frame
+
+
+def test_private_streams_are_distinct_cuda_streams_even_when_torchs_pool_wraps_around(monkeypatch):
+    """torch hands out pool streams round robin, so two streams asked for 32 apart are one CUDA
+    stream: a spin-wait and the work it awaits (or its release) would then queue behind each other.
+    Each name gets a stream no other name has, and keeps it."""
+    from adrenaline_py import placement
+
+    pool = {"next": 0}
+
+    class PoolStream:  # a pool of 4, handed out as torch does: round robin
+        def __init__(self, index):
+            self.cuda_stream = 1000 + pool["next"] % 4
+            pool["next"] += 1
+
+    monkeypatch.setattr(placement.torch.cuda, "Stream", PoolStream)
+    monkeypatch.setattr(placement, "_private", {})
+    dev = torch.device("cuda", 0)
+    decode = placement.private_stream(dev, "decode-loop")
+    for _ in range(3):  # captures and others take pool streams meanwhile: the pool wraps around
+        PoolStream(0)
+    executor = placement.private_stream(dev, "attention-executor")
+    release = placement.private_stream(dev, "offload-release-decode")
+    assert len({decode.cuda_stream, executor.cuda_stream, release.cuda_stream}) == 3
+    assert placement.private_stream(dev, "decode-loop") is decode
+    assert placement.private_stream(torch.device("cuda", 1), "decode-loop").cuda_stream  # other GPUs: own pools
+    placement.private_stream(dev, "fourth")
+    with pytest.raises(RuntimeError, match="no CUDA stream"):
+        placement.private_stream(dev, "fifth")

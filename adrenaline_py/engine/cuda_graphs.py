@@ -146,12 +146,13 @@ class _GraphSet:
         # torch.cuda.graph's default capture stream is made once per process, on whatever device was
         # current then: a stream of this device is needed, or capture on another GPU is invalidated
         self.capture_stream = torch.cuda.Stream(device)
+        self.warm_up_stream = torch.cuda.Stream(device)  # one for all captures: few streams taken from torch's pool
 
     def get(self, key, forward: Callable[[], torch.Tensor | None], warm_up: Callable[[], object]):
         """The graph of ``key``, captured now if needed (``forward`` records it, ``warm_up`` runs first)."""
         if key in self.graphs:
             return self.graphs[key]
-        stream = torch.cuda.Stream(self.device)
+        stream = self.warm_up_stream
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             warm_up()
