@@ -61,8 +61,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="requests that may wait for KV room at once; beyond it new ones are rejected at once")
     g.add_argument("--seed", type=int, default=d.seed, help="seed of dummy weights")
     g.add_argument("--no-cuda-graphs", action="store_true", help="run every decode step eagerly (cuda only)")
-    g.add_argument("--overlap-steps", action="store_true",
-                   help="launch each decode step before the previous one's tokens reach the host (experimental)")
+    g.add_argument("--overlap-steps", action=argparse.BooleanOptionalAction, default=d.overlap_steps,
+                   help="launch each decode step before the previous one's tokens reach the host, so the host's "
+                        "per-step work runs while the GPU works (--no-overlap-steps: one step at a time)")
     g.add_argument("--offload-timeout", type=float, default=d.offload_timeout_s,
                    help="seconds an offloaded step may stall before the executor is killed and replaced")
     g.add_argument("--heartbeat-timeout", type=float, default=d.heartbeat_timeout_s,

@@ -188,8 +188,8 @@ class EngineConfig:
     seed: int = 0                      # weights seed for dummy models
     cuda_graphs: bool = True           # decode and executor steps replay CUDA graphs (CUDA only)
     # Launch decode step N+1 before step N's tokens reach the host (engine/decode.py,
-    # DecodeEngine._step_overlapped); off until measured on GPUs.
-    overlap_steps: bool = False
+    # DecodeEngine._step_overlapped); docs/performance.md, seventh run, for what it gains.
+    overlap_steps: bool = True
     offload_timeout_s: float = 60.0    # an offloaded step stalled this long: the executor is killed and replaced
     # A worker or stub silent this long (no heartbeat: SIGSTOP, wedged) is killed and restarted
     # (backends/adrenaline/supervisor.py; stubs by the launcher, adrenaline_py/serving/health.py).

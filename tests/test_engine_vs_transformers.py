@@ -158,7 +158,7 @@ def test_the_decode_loop_opens_the_output_gate_only_while_it_waits(tiny_hf):
 
     hf, ckpt = tiny_hf
     prompt = [5, 6, 7, 8]
-    with LocalEngine(ckpt, small_engine_config(offload="never")) as engine:
+    with LocalEngine(ckpt, small_engine_config(offload="never", overlap_steps=False)) as engine:
         gate = RecordingGate()
         engine.decode.runner.gate = gate
         engine.decode.outputs._gate = gate
@@ -207,7 +207,7 @@ def test_overlapped_steps_drop_the_extra_token_of_a_request_that_ends_on_an_end_
     stop_at = free_run[0][5]                                   # request 0 ends at its 6th token
     first = free_run[0].index(stop_at)
     params = [greedy(12, end_ids=(stop_at,)), greedy(12), greedy(12)]
-    sync, _, _ = _engine_tokens(ckpt, prompts, params, offload="ratio:0.5")
+    sync, _, _ = _engine_tokens(ckpt, prompts, params, offload="ratio:0.5", overlap_steps=False)
     got, loop, free = _engine_tokens(ckpt, prompts, params, offload="ratio:0.5", overlap_steps=True)
     assert got[0].output_ids == free_run[0][:first + 1] and got[0].finish_reason == "stop"
     assert [c.output_ids for c in got[1:]] == free_run[1:]    # no end ids: they run to their length
@@ -220,7 +220,7 @@ def test_overlapped_steps_keep_seeded_sampling_reproducible(tiny_hf):
     _, ckpt = tiny_hf
     prompts = [[5, 6, 7], list(range(20, 45)), [99] * 9]
     params = [greedy(10, temperature=0.8, top_p=0.9, seed=100 + i) for i in range(3)]
-    sync, _, _ = _engine_tokens(ckpt, prompts, params, offload="ratio:0.5")
+    sync, _, _ = _engine_tokens(ckpt, prompts, params, offload="ratio:0.5", overlap_steps=False)
     got, loop, _ = _engine_tokens(ckpt, prompts, params, offload="ratio:0.5", overlap_steps=True)
     assert [c.output_ids for c in got] == [c.output_ids for c in sync]
     assert loop.overlapped_steps > 0
@@ -232,7 +232,7 @@ def test_overlapped_steps_fall_back_to_synchronous_steps_for_penalties_and_bad_w
     _, ckpt = tiny_hf
     prompts = [[7, 8, 9, 10], [30, 31]]
     params = [greedy(8, repetition_penalty=1.3), greedy(8, bad_words_ids=((50,),))]
-    sync, _, _ = _engine_tokens(ckpt, prompts, params, offload="never")
+    sync, _, _ = _engine_tokens(ckpt, prompts, params, offload="never", overlap_steps=False)
     got, loop, free = _engine_tokens(ckpt, prompts, params, offload="never", overlap_steps=True)
     assert [c.output_ids for c in got] == [c.output_ids for c in sync]
     assert loop.overlapped_steps == 0
@@ -311,11 +311,11 @@ def test_overlapped_steps_end_a_request_at_its_stop_string_and_free_its_blocks(t
     flight: the text ends at the stop string as without overlap, and every block comes back."""
     _, ckpt = tiny_hf
     prompts = [[40, 41, 42], list(range(60, 90))]
-    free, _, _ = _engine_tokens(ckpt, prompts, [greedy(20), greedy(20)], offload="ratio:0.5")
+    free, _, _ = _engine_tokens(ckpt, prompts, [greedy(20), greedy(20)], offload="ratio:0.5", overlap_steps=False)
     text = free[0].text  # a dummy byte tokenizer's text: take a printable character seen first late on
     stop = next(c for i, c in enumerate(text) if i >= 3 and c.isprintable() and c != "\ufffd" and c not in text[:i])
     params = [greedy(20, stop=(stop,)), greedy(20)]
-    sync, _, _ = _engine_tokens(ckpt, prompts, params, offload="ratio:0.5")
+    sync, _, _ = _engine_tokens(ckpt, prompts, params, offload="ratio:0.5", overlap_steps=False)
     got, loop, blocks = _engine_tokens(ckpt, prompts, params, offload="ratio:0.5", overlap_steps=True)
     assert got[0].finish_reason == sync[0].finish_reason == "stop"
     assert got[0].text == sync[0].text and stop not in got[0].text

@@ -186,9 +186,9 @@ def test_serve_flags_reach_the_engine_config(tmp_path):
 
     p = argparse.ArgumentParser()
     _engine_args(p)
-    cfg = engine_config_from_args(p.parse_args(["--offload", "spill", "--overlap-steps"]))
-    assert cfg.offload == "spill" and cfg.overlap_steps
+    cfg = engine_config_from_args(p.parse_args(["--offload", "spill", "--no-overlap-steps"]))
+    assert cfg.offload == "spill" and not cfg.overlap_steps
     default = engine_config_from_args(p.parse_args([]))
-    assert default.offload == "auto" and not default.overlap_steps
+    assert default.offload == "auto" and default.overlap_steps
     cfg.save(tmp_path / "engine.json")
-    assert EngineConfig.load(tmp_path / "engine.json").overlap_steps    # what the roles read
+    assert not EngineConfig.load(tmp_path / "engine.json").overlap_steps    # what the roles read
