@@ -216,3 +216,54 @@ def test_private_streams_are_distinct_cuda_streams_even_when_torchs_pool_wraps_a
     placement.private_stream(dev, "fourth")
     with pytest.raises(RuntimeError, match="no CUDA stream"):
         placement.private_stream(dev, "fifth")
+
+
+def test_device_watchdog_releases_until_every_launched_step_has_landed():
+    """Two offloaded steps in flight (overlapped steps) and the executor fails: the watchdog sets
+    decode's flags again and again until both steps have landed (the second waits anew behind the
+    first); the first reports the failure, the second is dropped; the next run of steps starts clean.
+    The device transport's host logic, with its GPU parts (`_check`, `_release`) replaced."""
+    import collections
+    import threading
+    import time
+
+    from adrenaline_py.transport import DeviceTransport
+
+    t = DeviceTransport.__new__(DeviceTransport)  # no CUDA here: the watchdog's logic only
+    t.channel, t.device, t._executor_pid = None, torch.device("cpu"), lambda: None
+    t._failure, t._watch, t._stop = None, threading.Condition(), False
+    t._launched = collections.deque()
+    broken = threading.Event()
+    releases = []
+    t._check = lambda channel, started: "executor died (test)" if broken.is_set() else None
+    t._release = lambda: releases.append(time.monotonic())
+    t._watchdog = threading.Thread(target=t._watch_loop, daemon=True)
+    t._watchdog.start()
+
+    def wait_for(cond, timeout=5.0):
+        end = time.monotonic() + timeout
+        while not cond() and time.monotonic() < end:
+            time.sleep(0.005)
+        return cond()
+
+    try:
+        t.step_launched()
+        t.step_landed()                  # no failure: lands quietly
+        t.step_launched()
+        t.step_launched()                # step N and N + 1 in flight
+        broken.set()
+        assert wait_for(lambda: len(releases) >= 1)
+        with pytest.raises(ExecutorGone, match="executor died"):
+            t.step_landed()              # N: its offloaded rows are void
+        n = len(releases)
+        assert wait_for(lambda: len(releases) > n)   # N + 1 still in flight: released again
+        t.step_dropped()                 # N + 1 waited out and thrown away
+        time.sleep(0.05)
+        n = len(releases)
+        time.sleep(0.05)
+        assert len(releases) == n        # nothing in flight: no more releases
+        broken.clear()
+        t.step_launched()                # a new run of steps: the old failure is gone
+        t.step_landed()
+    finally:
+        t.shutdown()

@@ -7,6 +7,9 @@
 #   BENCH_ARGS="--dataset fixed --input-len 512 --output-len 512 --concurrency 400 --duration 90" \
 #   bash tools/serve_bench.sh
 #
+# A configuration may end with "@RATES" ("auto:--offload auto@55 65 75"): its own --request-rates,
+# after BENCH_ARGS (so one server start covers the rates that matter for that configuration).
+#
 # Environment: CONFIGS ("label:flags;label:flags"), SERVE_ARGS (flags of every server), BENCH_ARGS
 # (flags of every `bench serve`; --model is taken from SERVE_ARGS), PY [python3], OUT [/tmp/serve-bench]
 # (bench JSONs under $OUT/bench, server logs $OUT/serve_<label>.log), READY_TIMEOUT_S [300], BENCH_PY
@@ -34,6 +37,11 @@ IFS=';' read -r -a configs <<<"$CONFIGS"
 for config in "${configs[@]}"; do
     label=${config%%:*}
     flags=${config#*:}
+    bench_args=$BENCH_ARGS
+    if [[ $flags == *@* ]]; then
+        bench_args="$BENCH_ARGS --request-rates ${flags##*@}"
+        flags=${flags%@*}
+    fi
     log="$OUT/serve_$label.log"
     echo "[serve-bench] $label: adrenaline serve $SERVE_ARGS $flags"
     # shellcheck disable=SC2086
@@ -57,7 +65,7 @@ for config in "${configs[@]}"; do
     # shellcheck disable=SC2086
     $BENCH_PY -m adrenaline_py.cli bench serve --url "http://127.0.0.1:$PORT" \
         --metrics-url "http://127.0.0.1:$((PORT + 2))/metrics" --model "$MODEL" --label "$label" \
-        --result-dir "$OUT/bench" --no-progress $BENCH_ARGS &
+        --result-dir "$OUT/bench" --no-progress $bench_args &
     bench=$!
     if [ -n "${PYSPY:-}" ]; then
         sleep "${PYSPY_AFTER_S:-20}"
