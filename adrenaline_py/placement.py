@@ -83,7 +83,7 @@ def private_stream(device: torch.device, name: str) -> torch.cuda.Stream:
     """The stream called ``name`` on ``device``: one CUDA stream that no other name gets in this process.
 
     torch hands its streams out of a pool of 32 per device, round robin, so two `torch.cuda.Stream()`
-    calls 32 apart (graph captures take many) are the same CUDA stream. Where one side spins on the
+    calls 32 apart (graph captures used to take one each) are the same CUDA stream. Where one side spins on the
     GPU waiting for another (the offload exchange's flag waits, with decode and the executor in one
     process on one GPU) or releases such waits (the watchdogs), the streams must differ, or the
     awaited work queues behind the wait that awaits it. Pool streams are non-blocking (no implicit
