@@ -239,16 +239,21 @@ def test_overlapped_steps_fall_back_to_synchronous_steps_for_penalties_and_bad_w
     assert all(n == total for n, total in free.values())
 
 
+def _recovery_case(tiny_hf):
+    """Three offloaded requests of 14 tokens and transformers' greedy tokens for them."""
+    hf, ckpt = tiny_hf
+    prompts = [[3, 4, 5, 6], list(range(100, 130)), [77] * 12]
+    n_new = 14
+    return ckpt, prompts, n_new, [hf_greedy(hf, p, n_new) for p in prompts]
+
+
 def test_overlapped_steps_recover_when_the_executor_is_lost_mid_step(tiny_hf):
     """The executor's answers stop in the middle of an overlapped step: the step before it is
     committed, the next tries run synchronously, and the recovery recomputes the offloaded requests'
     KV in decode's pool; every output still equals transformers'."""
     from adrenaline_py.transport import ExecutorGone
 
-    hf, ckpt = tiny_hf
-    prompts = [[3, 4, 5, 6], list(range(100, 130)), [77] * 12]
-    n_new = 14
-    expected = [hf_greedy(hf, p, n_new) for p in prompts]
+    ckpt, prompts, n_new, expected = _recovery_case(tiny_hf)
     with LocalEngine(ckpt, small_engine_config(offload="always", overlap_steps=True)) as engine:
         transport = engine.decode.runner.transport
         real_recv, calls = transport.recv, {"n": 0}
@@ -275,10 +280,7 @@ def test_overlapped_steps_redo_a_step_whose_executor_failure_shows_at_collection
     and every block comes back."""
     from adrenaline_py.transport import ExecutorGone
 
-    hf, ckpt = tiny_hf
-    prompts = [[3, 4, 5, 6], list(range(100, 130)), [77] * 12]
-    n_new = 14
-    expected = [hf_greedy(hf, p, n_new) for p in prompts]
+    ckpt, prompts, n_new, expected = _recovery_case(tiny_hf)
     with LocalEngine(ckpt, small_engine_config(offload="always", overlap_steps=True)) as engine:
         transport = engine.decode.runner.transport
         real_landed, real_dropped = transport.step_landed, transport.step_dropped
