@@ -11,10 +11,11 @@ vocabulary entry is a pure integer hash of ``(seed, i, token id)`` (counter-base
 state), so a request draws the same token whatever else is in its batch, on CPU and GPU alike.
 Gumbel-max picks token t with probability softmax(scores)[t], i.e. exactly the categorical draw.
 
-Top-k and top-p become one threshold per row (the score of the last token kept, from one sort of
-the values), so no [B, V] index is scattered back. On CUDA one Triton kernel then makes the noise
-and takes the argmax in a single pass over the scores (`gumbel_argmax`); elsewhere torch makes the
-[B, V] noise (`gumbel_noise`), with the same integer hash.
+Min-p, top-k and top-p become one threshold per row (the score of the last token kept), so no
+[B, V] index is scattered back. On CUDA, Triton kernels (`sampler_kernels`) find it by a radix
+search over the scores, with no sort and no [B, V] copy, then make the noise and take the argmax in
+one pass (`gumbel_argmax`); elsewhere one sort of the values gives it (`sort_threshold`) and torch
+makes the [B, V] noise (`gumbel_noise`), with the same integer hash.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from dataclasses import dataclass
 
 import torch
 
+from adrenaline_py import sampler_kernels
 from adrenaline_py.request import SamplingParams
-from adrenaline_py.triton_support import runs_triton, tl, triton
+from adrenaline_py.triton_support import runs_triton
 
 _M32 = 0xFFFFFFFF
 _fused = {"ok": True}  # cleared if the CUDA kernel ever fails to build
@@ -194,16 +196,17 @@ def choose(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     choice = logits.argmax(dim=-1)
     if sampled:
         if len(sampled) == len(rows):
-            choice = _sample_rows(logits.float(), rows)
+            choice = _sample_rows(logits, rows)
         else:
             idx = to_device(torch.tensor(sampled, dtype=torch.int64), logits.device)
-            choice[idx] = _sample_rows(logits[idx].float(), [rows[i] for i in sampled])
+            choice[idx] = _sample_rows(logits[idx], [rows[i] for i in sampled])
     return choice
 
 
-def _sample_rows(scores: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """[S, V] fp32 logits of sampled rows → [S] token ids: temperature, top-k, top-p, Gumbel-max."""
-    dev, vocab = scores.device, scores.shape[-1]
+def _sample_rows(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """[S, V] logits of sampled rows (any float dtype) → [S] token ids: temperature, min-p, top-k,
+    top-p, Gumbel-max."""
+    dev, vocab = logits.device, logits.shape[-1]
     ps = [r.params for r in rows]
     cut_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in ps]
     keys = _row_keys([p.seed for p in ps], [r.index for r in rows])
@@ -211,86 +214,45 @@ def _sample_rows(scores: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     # stream; float64 holds each value exactly, the 32-bit keys and top-k included).
     settings = torch.tensor([[p.temperature, p.min_p, p.top_p, k] for p, k in zip(ps, cut_k)], dtype=torch.float64)
     on_dev = to_device(torch.cat([settings, keys[:, None].double()], dim=1), dev)
-    temps, min_p, top_p = (on_dev[:, i].float() for i in range(3))
-    k, keys = on_dev[:, 3].long(), on_dev[:, 4].long()
-    scores = scores / temps[:, None]
-    if any(p.min_p > 0 for p in ps):
+    temps, min_p, top_p = (on_dev[:, i].float().contiguous() for i in range(3))
+    k, keys = on_dev[:, 3].long(), on_dev[:, 4].long().contiguous()
+    any_min_p, any_k, any_p = any(p.min_p > 0 for p in ps), min(cut_k) < vocab, min(p.top_p for p in ps) < 1.0
+    if runs_triton(logits) and _fused["ok"]:
+        try:
+            threshold = None
+            if any_min_p or any_k or any_p:
+                threshold = sampler_kernels.cut_threshold(logits, temps, torch.log(min_p), k if any_k else None,
+                                                          top_p if any_p else None)
+            return sampler_kernels.gumbel_argmax(logits, keys, threshold, temps)
+        except Exception as e:  # a kernel that does not build here: the torch path draws the same tokens
+            _fused["ok"] = False
+            log.warning("sampler: the CUDA sampling kernels failed (%s: %s); using the torch path",
+                        type(e).__name__, e)
+    scores = logits.float() / temps[:, None]
+    if any_min_p:
         # min-p first, as vLLM's sampler: drop tokens less likely than min_p x the most likely one
         # (a score under the row's best + log(min_p)); top-k and top-p then see what is left
         floor = scores.max(dim=-1).values + torch.log(min_p)  # log(0) = -inf: no cut
         scores = scores.masked_fill(scores < floor[:, None], float("-inf"))
-    threshold = None
-    cut_p = min(p.top_p for p in ps) < 1.0
-    if min(cut_k) < vocab or cut_p:
-        # One batched sort of the values: keep each row's top-k, then the smallest prefix whose mass
-        # (renormalised over the top-k) reaches top-p; always at least the best token. What is kept
-        # is every token scoring at least the last kept one (ties at that score are all kept).
-        ordered = torch.sort(scores, dim=-1, descending=True).values
-        kept = k
-        if cut_p:
-            probs = ordered.masked_fill(torch.arange(vocab, device=dev)[None, :] >= k[:, None], float("-inf"))
-            probs = probs.softmax(-1)
-            kept = torch.minimum(k, ((probs.cumsum(-1) - probs) < top_p[:, None]).sum(-1))  # a prefix
-        threshold = ordered.gather(1, (kept.clamp(min=1) - 1)[:, None]).squeeze(1)
-    if runs_triton(scores) and _fused["ok"]:
-        try:
-            return gumbel_argmax(scores, keys, threshold)
-        except Exception as e:  # a kernel that does not build here: the torch path draws the same tokens
-            _fused["ok"] = False
-            log.warning("sampler: the fused Gumbel-max kernel failed (%s: %s); using the torch path",
-                        type(e).__name__, e)
-    if threshold is not None:
-        scores = scores.masked_fill(scores < threshold[:, None], float("-inf"))
+    if any_k or any_p:
+        scores = scores.masked_fill(scores < sort_threshold(scores, k, top_p if any_p else None)[:, None],
+                                    float("-inf"))
     return (scores + _noise_of(keys, vocab)).argmax(-1)
 
 
-# --- CUDA: noise and argmax in one pass ------------------------------------------------------------
+def sort_threshold(scores: torch.Tensor, k: torch.Tensor, top_p: torch.Tensor | None) -> torch.Tensor:
+    """[S] each row's lowest kept score, from one batched sort of the values: keep each row's top
+    ``k``, then the smallest prefix whose mass (renormalised over the top k) reaches ``top_p``;
+    always at least the best token. What is kept is every token scoring at least the last kept one
+    (ties at that score are all kept). The CUDA path finds the same threshold without sorting
+    (`sampler_kernels.cut_threshold`)."""
+    vocab = scores.shape[-1]
+    ordered = torch.sort(scores, dim=-1, descending=True).values
+    kept = k
+    if top_p is not None:
+        probs = ordered.masked_fill(torch.arange(vocab, device=scores.device)[None, :] >= k[:, None], float("-inf"))
+        probs = probs.softmax(-1)
+        inside = ((probs.cumsum(-1) - probs) < top_p[:, None]) | (top_p[:, None] >= 1.0)  # a prefix; 1: no cut
+        kept = torch.minimum(k, inside.sum(-1))
+    return ordered.gather(1, (kept.clamp(min=1) - 1)[:, None]).squeeze(1)
 
-if triton is not None:
-
-    @triton.jit
-    def _mix32(x):
-        # lowbias32 on uint32 (multiplications wrap mod 2**32, as `_hash32` computes them in int64)
-        x = x ^ (x >> 16)
-        x = x * 0x7FEB352D
-        x = x ^ (x >> 15)
-        x = x * 0x846CA68B
-        return x ^ (x >> 16)
-
-    @triton.jit
-    def _gumbel_argmax_kernel(scores_ptr, stride, keys_ptr, threshold_ptr, out_ptr, vocab,
-                              HAS_THRESHOLD: tl.constexpr, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
-        key = tl.load(keys_ptr + row).to(tl.uint32)
-        if HAS_THRESHOLD:
-            threshold = tl.load(threshold_ptr + row)
-        best = tl.full((), float("-inf"), tl.float32)
-        best_at = tl.full((), 0, tl.int64)
-        for start in range(0, vocab, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            inside = offs < vocab
-            s = tl.load(scores_ptr + row * stride + offs, mask=inside, other=float("-inf"))
-            token = _mix32(offs.to(tl.uint32) * 0x2545F491)
-            bits = _mix32(key ^ token)
-            u = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
-            v = s + -tl.log(-tl.log(u))
-            if HAS_THRESHOLD:
-                inside = inside & (s >= threshold)
-            v = tl.where(inside, v, float("-inf"))
-            m = tl.max(v, axis=0)
-            at = tl.argmax(v, axis=0).to(tl.int64) + start
-            take = m > best  # strictly: the first maximum wins, as torch.argmax
-            best_at = tl.where(take, at, best_at)
-            best = tl.where(take, m, best)
-        tl.store(out_ptr + row, best_at)
-
-
-def gumbel_argmax(scores: torch.Tensor, keys: torch.Tensor, threshold: torch.Tensor | None = None) -> torch.Tensor:
-    """argmax(scores + Gumbel noise) per row of [S, V] fp32 scores on the GPU, over the tokens scoring
-    at least ``threshold`` [S] (all when None): the noise of `gumbel_noise`, made in the kernel."""
-    scores = scores.contiguous()
-    out = torch.empty(scores.shape[0], dtype=torch.int64, device=scores.device)
-    _gumbel_argmax_kernel[(scores.shape[0],)](
-        scores, scores.stride(0), keys, threshold if threshold is not None else scores, out, scores.shape[1],
-        HAS_THRESHOLD=threshold is not None, BLOCK=2048, num_warps=8)
-    return out
