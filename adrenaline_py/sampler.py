@@ -221,8 +221,8 @@ def _sample_rows(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         try:
             threshold = None
             if any_min_p or any_k or any_p:
-                threshold = sampler_kernels.cut_threshold(logits, temps, torch.log(min_p), k if any_k else None,
-                                                          top_p if any_p else None)
+                threshold = sampler_kernels.cut_threshold(logits, temps, torch.log(min_p) if any_min_p else None,
+                                                          k if any_k else None, top_p if any_p else None)
             return sampler_kernels.gumbel_argmax(logits, keys, threshold, temps)
         except Exception as e:  # a kernel that does not build here: the torch path draws the same tokens
             _fused["ok"] = False

@@ -58,7 +58,7 @@ def sort_reference(logits, temps, k, top_p, min_p, case):
 
 def kernel_threshold(logits, temps, k, top_p, min_p, case):
     use_k, use_p, use_min_p = CASES[case]
-    return sampler_kernels.cut_threshold(logits, temps, torch.log(min_p if use_min_p else torch.zeros_like(min_p)),
+    return sampler_kernels.cut_threshold(logits, temps, torch.log(min_p) if use_min_p else None,
                                          k if use_k else None, top_p if use_p else None)
 
 
