@@ -30,7 +30,8 @@ from adrenaline_py.triton_support import LOG2E, next_pow2, tl, triton
 RADIX_BITS = 4
 BUCKETS = 1 << RADIX_BITS
 CHUNK = 4096   # vocabulary entries per program of a search pass (fixed: the sums' order never varies)
-BLOCK = 256    # entries per loop iteration inside a program
+BLOCK = 128    # entries per loop iteration inside a program
+COLUMN = True  # the histogram's entries as [BLOCK, 1] columns (see _histogram_kernel)
 
 if triton is not None:
 
@@ -62,25 +63,33 @@ if triton is not None:
     def _histogram_kernel(x_ptr, stride, temp_ptr, floor_ptr, max_ptr, scale_ptr, lo_ptr, cut_ptr, cnt_ptr,
                           mass_ptr, total_ptr, vocab, chunks, shift,
                           KEY_BITS: tl.constexpr, MASS: tl.constexpr, TOTAL: tl.constexpr, MIN_P: tl.constexpr,
-                          CHUNK: tl.constexpr, BLOCK: tl.constexpr, BUCKETS: tl.constexpr):
+                          CHUNK: tl.constexpr, BLOCK: tl.constexpr, BUCKETS: tl.constexpr, COLUMN: tl.constexpr):
+        """One (row, chunk): the histogram of the keys in the row's search range, 16 buckets of
+        2**shift keys from lo up: their count (top-k search) or their mass (top-p search)."""
         row = tl.program_id(0)
         c = tl.program_id(1)
         lo = tl.load(lo_ptr + row).to(tl.uint32)
-        bins = tl.arange(0, BUCKETS)
+        bins = tl.arange(0, BUCKETS)[None, :]
         if MASS:
             m = tl.load(max_ptr + row)
             scale = tl.load(scale_ptr + row)   # log2(e) / temperature: mass = 2 ** ((x - max) * scale)
         if MIN_P:
             temp = tl.load(temp_ptr + row)
             floor = tl.load(floor_ptr + row)
+        # Entries are [BLOCK, 1] columns when COLUMN (broadcast against the buckets without a layout
+        # change), else [BLOCK]. Per-thread partial histograms, reduced once at the end (fixed order).
+        if COLUMN:
+            lanes = tl.arange(0, BLOCK)[:, None]
+            total = tl.zeros([BLOCK, 1], tl.float32)
+        else:
+            lanes = tl.arange(0, BLOCK)
+            total = tl.zeros([BLOCK], tl.float32)
         if TOTAL:
             cut = tl.load(cut_ptr + row)   # the top-k cut's key (-1: none): the mass above it
-            total = tl.zeros([BLOCK], tl.float32)
-        # per-thread partial histograms, reduced once at the end (in a fixed order)
-        cnt = tl.zeros([BLOCK, BUCKETS], tl.int32)
-        mass = tl.zeros([BLOCK, BUCKETS], tl.float32)
+        acc_n = tl.zeros([BLOCK, BUCKETS], tl.int32)
+        acc_m = tl.zeros([BLOCK, BUCKETS], tl.float32)
         for start in range(0, CHUNK, BLOCK):
-            offs = c * CHUNK + start + tl.arange(0, BLOCK)
+            offs = c * CHUNK + start + lanes
             inside = offs < vocab
             x = tl.load(x_ptr + row * stride + offs, mask=inside, other=0.0)
             key = _order_key(x, KEY_BITS)
@@ -95,17 +104,26 @@ if triton is not None:
                     e = tl.where(dropped, 0.0, e)
                 if TOTAL:
                     total += tl.where(key.to(tl.int64) > cut, e, 0.0)
-            if tl.max(in_range.to(tl.int32), axis=0) > 0:   # late passes: most blocks hold no key in range
-                hit = in_range[:, None] & (((key - lo) >> shift)[:, None] == bins[None, :])
-                cnt += hit.to(tl.int32)
-                if MASS:
-                    mass += tl.where(hit, e[:, None], 0.0)
-        out = (row * chunks + c) * BUCKETS + bins
-        tl.store(cnt_ptr + out, tl.sum(cnt, axis=0))
+            if tl.max(in_range.to(tl.int32)) > 0:   # late passes: most blocks hold no key in range
+                if COLUMN:
+                    hit = in_range & (((key - lo) >> shift) == bins)
+                    if MASS:
+                        acc_m += tl.where(hit, e, 0.0)
+                    else:
+                        acc_n += hit.to(tl.int32)
+                else:
+                    hit = in_range[:, None] & (((key - lo) >> shift)[:, None] == bins)
+                    if MASS:
+                        acc_m += tl.where(hit, e[:, None], 0.0)
+                    else:
+                        acc_n += hit.to(tl.int32)
+        out = (row * chunks + c) * BUCKETS + tl.arange(0, BUCKETS)
         if MASS:
-            tl.store(mass_ptr + out, tl.sum(mass, axis=0))
+            tl.store(mass_ptr + out, tl.sum(acc_m, axis=0))
+        else:
+            tl.store(cnt_ptr + out, tl.sum(acc_n, axis=0))
         if TOTAL:
-            tl.store(total_ptr + row * chunks + c, tl.sum(total, axis=0))
+            tl.store(total_ptr + row * chunks + c, tl.sum(total))
 
     @triton.jit
     def _select_kernel(cnt_ptr, mass_ptr, total_ptr, lo_ptr, above_n_ptr, above_m_ptr, cut_ptr, cut_above_ptr,
@@ -117,12 +135,9 @@ if triton is not None:
         cs = tl.arange(0, CBLOCK)
         where = (row * chunks + cs[:, None]) * BUCKETS + bins[None, :]
         valid = cs[:, None] < chunks
-        cnt = tl.sum(tl.load(cnt_ptr + where, mask=valid, other=0), axis=0).to(tl.int64)
         lo = tl.load(lo_ptr + row)
-        above_n = tl.load(above_n_ptr + row)
         # what lies above bucket j: the range's higher buckets plus what was above the range already
         higher = bins[None, :] > bins[:, None]   # [j, b]: bucket b is above bucket j
-        n_j = above_n + tl.sum(tl.where(higher, cnt[None, :], 0), axis=1)
         if MASS:
             mass = tl.sum(tl.load(mass_ptr + where, mask=valid, other=0.0), axis=0)
             above_m = tl.load(above_m_ptr + row)
@@ -141,13 +156,16 @@ if triton is not None:
             top_p = tl.load(top_p_ptr + row)
             holds = m_j < tl.where(top_p >= 1.0, float("inf"), top_p * z)   # top-p 1: no cut
         else:
+            cnt = tl.sum(tl.load(cnt_ptr + where, mask=valid, other=0), axis=0).to(tl.int64)
+            n_j = tl.load(above_n_ptr + row) + tl.sum(tl.where(higher, cnt[None, :], 0), axis=1)
             holds = n_j < tl.load(k_ptr + row)
         j = tl.min(tl.where(holds, bins, BUCKETS - 1), axis=0)
         at = bins == j
         tl.store(lo_ptr + row, lo + j.to(tl.int64) * width)
-        tl.store(above_n_ptr + row, tl.sum(tl.where(at, n_j, 0), axis=0))
         if MASS:
             tl.store(above_m_ptr + row, tl.sum(tl.where(at, m_j, 0.0), axis=0))
+        else:
+            tl.store(above_n_ptr + row, tl.sum(tl.where(at, n_j, 0), axis=0))
 
     @triton.jit
     def _key_value(key, KEY_BITS: tl.constexpr):
@@ -268,7 +286,7 @@ def cut_threshold(logits: torch.Tensor, temps: torch.Tensor, log_min_p: torch.Te
                 logits, logits.stride(0), temps, floor if floor is not None else temps, row_max, scale, lo, cut,
                 cnt, mass, total, vocab, chunks, shift, KEY_BITS=key_bits, MASS=mass_phase,
                 TOTAL=mass_phase and i == 0, MIN_P=floor is not None, CHUNK=CHUNK, BLOCK=BLOCK, BUCKETS=BUCKETS,
-                num_warps=4)
+                COLUMN=COLUMN, num_warps=4)
             _select_kernel[(rows,)](
                 cnt, mass, total, lo, above_n, above_m, cut, cut_above, k if k is not None else lo,
                 top_p if top_p is not None else above_m, z, row_max, scale, chunks, 1 << shift,
