@@ -12,10 +12,11 @@ state), so a request draws the same token whatever else is in its batch, on CPU 
 Gumbel-max picks token t with probability softmax(scores)[t], i.e. exactly the categorical draw.
 
 Min-p, top-k and top-p become one threshold per row (the score of the last token kept), so no
-[B, V] index is scattered back. On CUDA, Triton kernels (`sampler_kernels`) find it by a radix
-search over the scores, with no sort and no [B, V] copy, then make the noise and take the argmax in
-one pass (`gumbel_argmax`); elsewhere one sort of the values gives it (`sort_threshold`) and torch
-makes the [B, V] noise (`gumbel_noise`), with the same integer hash.
+[B, V] index is scattered back. One sort of the values gives it (`sort_threshold`); on CUDA, for
+vocabularies of `sampler_kernels.RADIX_MIN_VOCAB` entries or more, Triton kernels find it instead by
+a radix search over the logits, with no sort and no [B, V] copy. On CUDA one kernel then makes the
+noise and takes the argmax in one pass (`gumbel_argmax`); elsewhere torch makes the [B, V] noise
+(`gumbel_noise`), with the same integer hash.
 """
 
 from __future__ import annotations
@@ -217,7 +218,8 @@ def _sample_rows(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     temps, min_p, top_p = (on_dev[:, i].float().contiguous() for i in range(3))
     k, keys = on_dev[:, 3].long(), on_dev[:, 4].long().contiguous()
     any_min_p, any_k, any_p = any(p.min_p > 0 for p in ps), min(cut_k) < vocab, min(p.top_p for p in ps) < 1.0
-    if runs_triton(logits) and _fused["ok"]:
+    on_gpu = runs_triton(logits) and _fused["ok"]
+    if on_gpu and vocab >= sampler_kernels.RADIX_MIN_VOCAB:
         try:
             threshold = None
             if any_min_p or any_k or any_p:
@@ -225,19 +227,29 @@ def _sample_rows(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
                                                           k if any_k else None, top_p if any_p else None)
             return sampler_kernels.gumbel_argmax(logits, keys, threshold, temps)
         except Exception as e:  # a kernel that does not build here: the torch path draws the same tokens
-            _fused["ok"] = False
-            log.warning("sampler: the CUDA sampling kernels failed (%s: %s); using the torch path",
-                        type(e).__name__, e)
+            on_gpu = _kernels_failed(e)
     scores = logits.float() / temps[:, None]
     if any_min_p:
         # min-p first, as vLLM's sampler: drop tokens less likely than min_p x the most likely one
         # (a score under the row's best + log(min_p)); top-k and top-p then see what is left
         floor = scores.max(dim=-1).values + torch.log(min_p)  # log(0) = -inf: no cut
         scores = scores.masked_fill(scores < floor[:, None], float("-inf"))
-    if any_k or any_p:
-        scores = scores.masked_fill(scores < sort_threshold(scores, k, top_p if any_p else None)[:, None],
-                                    float("-inf"))
+    threshold = sort_threshold(scores, k, top_p if any_p else None) if any_k or any_p else None
+    if on_gpu:
+        try:
+            return sampler_kernels.gumbel_argmax(scores, keys, threshold)
+        except Exception as e:
+            _kernels_failed(e)
+    if threshold is not None:
+        scores = scores.masked_fill(scores < threshold[:, None], float("-inf"))
     return (scores + _noise_of(keys, vocab)).argmax(-1)
+
+
+def _kernels_failed(e: Exception) -> bool:
+    """Use the torch path from now on (it draws the same tokens); False, for ``on_gpu``."""
+    _fused["ok"] = False
+    log.warning("sampler: the CUDA sampling kernels failed (%s: %s); using the torch path", type(e).__name__, e)
+    return False
 
 
 def sort_threshold(scores: torch.Tensor, k: torch.Tensor, top_p: torch.Tensor | None) -> torch.Tensor:

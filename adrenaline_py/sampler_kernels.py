@@ -32,6 +32,10 @@ BUCKETS = 1 << RADIX_BITS
 CHUNK = 4096   # vocabulary entries per program of a search pass (fixed: the sums' order never varies)
 BLOCK = 128    # entries per loop iteration inside a program
 COLUMN = True  # the histogram's entries as [BLOCK, 1] columns (see _histogram_kernel)
+# Smaller vocabularies sort faster than they search (H200, 64-256 rows: 32,000 entries sort in
+# 0.76-1.07 ms against the search's 1.07-1.09; 128,256 in 1.22-3.70 against 0.96-1.12;
+# docs/performance.md, eighth run): `sampler` sorts below this and searches from it.
+RADIX_MIN_VOCAB = 65_536
 
 if triton is not None:
 
