@@ -10,7 +10,8 @@ present in the row. So u0 is found by a radix search, 4 bits per pass from the t
 bf16, 8 for fp32), with no sort:
 
 - a pass's programs each take one (row, chunk of the vocabulary) and histogram the keys still in
-  the row's search range into 16 buckets (count, and mass exp(s - max) for top-p);
+  the row's search range into 16 buckets (their count for top-k, their mass exp(s - max) for
+  top-p);
 - a one-program-per-row kernel then sums the chunks' histograms in a fixed order, finds the lowest
   bucket where the rule holds, and narrows the range to it.
 
