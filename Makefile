@@ -30,8 +30,18 @@ $(VENV)/.installed: pyproject.toml Makefile tools/install_system_deps.sh
 serve: venv
 	$(VENV)/bin/adrenaline serve $(SERVE_ARGS)
 
-test: venv
+# The CUDA kernels that have a CPU check run under Triton's interpreter, with triton in a folder of
+# its own: the main suite (and the servers it starts) runs without it, as on a CPU host.
+TRITON_INTERPRETER ?= $(VENV)/triton-interpreter
+TRITON_SPEC ?= triton==3.6.0
+
+$(TRITON_INTERPRETER)/.installed: $(VENV)/.installed
+	$(PY) -m pip install --quiet --target $(TRITON_INTERPRETER) "$(TRITON_SPEC)"
+	touch $@
+
+test: venv $(TRITON_INTERPRETER)/.installed
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+	TRITON_INTERPRET=1 PYTHONPATH=$(TRITON_INTERPRETER) $(PY) -m pytest -q $(PYTEST_ARGS) tests/test_sampler_kernels.py
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -12,12 +12,10 @@ from adrenaline_py.request import SamplingParams
 from adrenaline_py.triton_support import interpreting, triton_available
 
 ON_GPU = torch.cuda.is_available()
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not triton_available() or not (ON_GPU or interpreting()),
-                       reason="the sampler's Triton kernels: need the triton package and a CUDA GPU "
-                              "(or TRITON_INTERPRET=1)"),
-]
+pytestmark = pytest.mark.skipif(
+    not triton_available() or not (ON_GPU or interpreting()),
+    reason="the sampler's Triton kernels: need the triton package and a CUDA GPU, or TRITON_INTERPRET=1 "
+           "(`make test` runs them so, with triton in .venv/triton-interpreter)")
 DEVICE = "cuda" if ON_GPU else "cpu"
 ROWS, VOCAB = (64, 128_256) if ON_GPU else (8, 9_000)   # the interpreter is slow
 
@@ -89,8 +87,11 @@ def test_cut_threshold_of_a_row_does_not_depend_on_its_batch():
     assert torch.equal(part, whole[pick])
 
 
-def test_sampled_tokens_on_the_kernels_are_the_sort_paths(monkeypatch):
-    monkeypatch.setattr(sampler_kernels, "RADIX_MIN_VOCAB", 0)   # the search, whatever the vocabulary
+@pytest.mark.parametrize("cut", ["search", "sort"])
+def test_sampled_tokens_on_the_kernels_are_the_torch_paths(cut, monkeypatch):
+    """The CUDA path (the cut by the radix search or by the sort, the draw by the Gumbel-max kernel)
+    draws the torch path's tokens (sort, torch noise)."""
+    monkeypatch.setattr(sampler_kernels, "RADIX_MIN_VOCAB", 0 if cut == "search" else VOCAB + 1)
     logits, temps, k, top_p, min_p = make_batch(torch.bfloat16, seed=2)
     rows = [sampler.SamplingRow(SamplingParams(max_tokens=100, temperature=float(temps[i]), top_k=int(k[i]) % VOCAB,
                                                top_p=float(top_p[i]), min_p=float(min_p[i]), seed=100 + i), [0] * i)
