@@ -31,7 +31,8 @@ serve: venv
 	$(VENV)/bin/adrenaline serve $(SERVE_ARGS)
 
 # The CUDA kernels that have a CPU check run under Triton's interpreter, with triton in a folder of
-# its own: the main suite (and the servers it starts) runs without it, as on a CPU host.
+# its own: the main suite (and the servers it starts) runs without it, as on a CPU host. NumPy's
+# runtime warnings (a NaN or inf made in a kernel) fail them.
 TRITON_INTERPRETER ?= $(VENV)/triton-interpreter
 TRITON_SPEC ?= triton==3.6.0
 
@@ -41,7 +42,8 @@ $(TRITON_INTERPRETER)/.installed: $(VENV)/.installed
 
 test: venv $(TRITON_INTERPRETER)/.installed
 	$(PY) -m pytest -q $(PYTEST_ARGS)
-	TRITON_INTERPRET=1 PYTHONPATH=$(TRITON_INTERPRETER) $(PY) -m pytest -q $(PYTEST_ARGS) tests/test_sampler_kernels.py
+	TRITON_INTERPRET=1 PYTHONPATH=$(TRITON_INTERPRETER) $(PY) -m pytest -q $(PYTEST_ARGS) -W error::RuntimeWarning \
+		tests/test_sampler_kernels.py
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -107,9 +107,14 @@ def gumbel_noise(seeds: list[int], indices: list[int], vocab: int, device: torch
 def _noise_of(key: torch.Tensor, vocab: int) -> torch.Tensor:
     """`gumbel_noise` from the rows' keys (`_row_keys`, on the noise's device)."""
     tok = _token_hashes(vocab, key.device)
-    bits = _hash32(key[:, None] ^ tok[None, :])
-    u = ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))   # 24 bits: exact in float32, in (0, 1)
-    return -torch.log(-torch.log(u))
+    return -torch.log(-torch.log(uniform_of(_hash32(key[:, None] ^ tok[None, :]))))
+
+
+def uniform_of(bits: torch.Tensor) -> torch.Tensor:
+    """32-bit hashes → float32 uniforms strictly inside (0, 1): the top 23 bits, centred in their
+    cell. (With 24, the top cell's centre 2**24 - 0.5 rounds to 2**24 in float32: u = 1, noise
+    +inf, and that token would win whatever its score, even -inf.) The kernel computes the same."""
+    return ((bits >> 9).to(torch.float32) + 0.5) * (1.0 / (1 << 23))
 
 
 def _banned_tokens(row: SamplingRow) -> list[int]:

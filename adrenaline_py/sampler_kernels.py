@@ -213,7 +213,7 @@ if triton is not None:
                 s = tl.math.div_rn(s, temp)   # rounded as torch divides
             token = _mix32(offs.to(tl.uint32) * 0x2545F491)
             bits = _mix32(key ^ token)
-            u = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+            u = ((bits >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)   # as sampler.uniform_of
             v = s + -tl.log(-tl.log(u))
             if HAS_THRESHOLD:
                 inside = inside & (s >= threshold)

@@ -221,3 +221,17 @@ def test_seeds_beyond_32_bits_draw_different_streams():
     a = draws(uniform, params(temperature=1.0, seed=5), 50)
     b = draws(uniform, params(temperature=1.0, seed=5 + (1 << 32)), 50)
     assert sum(x == y for x, y in zip(a, b, strict=True)) < 5
+
+
+def test_noise_uniforms_stay_inside_the_open_interval_for_every_hash():
+    """Every 32-bit hash maps to a uniform strictly inside (0, 1), so every Gumbel noise is finite: a
+    token with infinite noise would be drawn whatever its score, a banned (-inf) one included."""
+    from adrenaline_py.sampler import uniform_of
+
+    bits = torch.tensor([0, 1, 0x1FF, 0x200, 0x7FFFFFFF, 0xFFFFFDFF, 0xFFFFFE00, 0xFFFFFFFE, 0xFFFFFFFF],
+                        dtype=torch.int64)
+    u = uniform_of(bits)
+    assert bool(((u > 0) & (u < 1)).all()), u
+    assert bool(torch.isfinite(-torch.log(-torch.log(u))).all())
+    assert bool((u[1:] >= u[:-1]).all())   # monotone in the hash
+
