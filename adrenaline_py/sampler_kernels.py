@@ -32,7 +32,6 @@ RADIX_BITS = 4
 BUCKETS = 1 << RADIX_BITS
 CHUNK = 4096   # vocabulary entries per program of a search pass (fixed: the sums' order never varies)
 BLOCK = 128    # entries per loop iteration inside a program
-COLUMN = True  # the histogram's entries as [BLOCK, 1] columns (see _histogram_kernel)
 # Smaller vocabularies sort faster than they search (H200, 64-256 rows: 32,000 entries sort in
 # 0.76-1.07 ms against the search's 1.07-1.09; 128,256 in 1.22-3.70 against 0.96-1.12;
 # docs/performance.md, eighth run): `sampler` sorts below this and searches from it.
@@ -68,7 +67,7 @@ if triton is not None:
     def _histogram_kernel(x_ptr, stride, temp_ptr, floor_ptr, max_ptr, scale_ptr, lo_ptr, cut_ptr, cnt_ptr,
                           mass_ptr, total_ptr, vocab, chunks, shift,
                           KEY_BITS: tl.constexpr, MASS: tl.constexpr, TOTAL: tl.constexpr, MIN_P: tl.constexpr,
-                          CHUNK: tl.constexpr, BLOCK: tl.constexpr, BUCKETS: tl.constexpr, COLUMN: tl.constexpr):
+                          CHUNK: tl.constexpr, BLOCK: tl.constexpr, BUCKETS: tl.constexpr):
         """One (row, chunk): the histogram of the keys in the row's search range, 16 buckets of
         2**shift keys from lo up: their count (top-k search) or their mass (top-p search)."""
         row = tl.program_id(0)
@@ -81,14 +80,11 @@ if triton is not None:
         if MIN_P:
             temp = tl.load(temp_ptr + row)
             floor = tl.load(floor_ptr + row)
-        # Entries are [BLOCK, 1] columns when COLUMN (broadcast against the buckets without a layout
-        # change), else [BLOCK]. Per-thread partial histograms, reduced once at the end (fixed order).
-        if COLUMN:
-            lanes = tl.arange(0, BLOCK)[:, None]
-            total = tl.zeros([BLOCK, 1], tl.float32)
-        else:
-            lanes = tl.arange(0, BLOCK)
-            total = tl.zeros([BLOCK], tl.float32)
+        # Entries are [BLOCK, 1] columns: they broadcast against the buckets without a layout change
+        # (as [BLOCK] rows they ran ~3x slower, eighth run). Per-thread partial histograms, reduced
+        # once at the end (in a fixed order).
+        lanes = tl.arange(0, BLOCK)[:, None]
+        total = tl.zeros([BLOCK, 1], tl.float32)
         if TOTAL:
             cut = tl.load(cut_ptr + row)   # the top-k cut's key (-1: none): the mass above it
         acc_n = tl.zeros([BLOCK, BUCKETS], tl.int32)
@@ -110,18 +106,11 @@ if triton is not None:
                 if TOTAL:
                     total += tl.where(key.to(tl.int64) > cut, e, 0.0)
             if tl.max(in_range.to(tl.int32)) > 0:   # late passes: most blocks hold no key in range
-                if COLUMN:
-                    hit = in_range & (((key - lo) >> shift) == bins)
-                    if MASS:
-                        acc_m += tl.where(hit, e, 0.0)
-                    else:
-                        acc_n += hit.to(tl.int32)
+                hit = in_range & (((key - lo) >> shift) == bins)
+                if MASS:
+                    acc_m += tl.where(hit, e, 0.0)
                 else:
-                    hit = in_range[:, None] & (((key - lo) >> shift)[:, None] == bins)
-                    if MASS:
-                        acc_m += tl.where(hit, e[:, None], 0.0)
-                    else:
-                        acc_n += hit.to(tl.int32)
+                    acc_n += hit.to(tl.int32)
         out = (row * chunks + c) * BUCKETS + tl.arange(0, BUCKETS)
         if MASS:
             tl.store(mass_ptr + out, tl.sum(acc_m, axis=0))
@@ -291,7 +280,7 @@ def cut_threshold(logits: torch.Tensor, temps: torch.Tensor, log_min_p: torch.Te
                 logits, logits.stride(0), temps, floor if floor is not None else temps, row_max, scale, lo, cut,
                 cnt, mass, total, vocab, chunks, shift, KEY_BITS=key_bits, MASS=mass_phase,
                 TOTAL=mass_phase and i == 0, MIN_P=floor is not None, CHUNK=CHUNK, BLOCK=BLOCK, BUCKETS=BUCKETS,
-                COLUMN=COLUMN, num_warps=4)
+                num_warps=4)
             _select_kernel[(rows,)](
                 cnt, mass, total, lo, above_n, above_m, cut, cut_above, k if k is not None else lo,
                 top_p if top_p is not None else above_m, z, row_max, scale, chunks, 1 << shift,

@@ -64,7 +64,7 @@ from pathlib import Path
 import torch
 
 from adrenaline_py.config import EngineConfig, ModelConfig
-from adrenaline_py.placement import private_stream
+from adrenaline_py.placement import bind, private_stream
 from adrenaline_py.shm import attach_shared_tensor, create_shared_tensor
 from adrenaline_py.triton_support import tl, triton
 
@@ -549,8 +549,6 @@ class DeviceTransport(OffloadTransport):
             self._launched.popleft()
 
     def _watch_loop(self) -> None:
-        from adrenaline_py.placement import bind
-
         bind(self.device)
         while True:
             with self._watch:

@@ -7,7 +7,7 @@ top-k + top-p, and the share of rows where both paths draw the same token. Tempe
 0.95, top-k 50, as `adrenaline bench engine`'s sampled step.
 
     python3 tools/bench_sampler.py                       # vocabularies 128256 and 32000, 64-256 rows
-    python3 tools/bench_sampler.py --sweep               # also the radix kernels' CHUNK / BLOCK / layout
+    python3 tools/bench_sampler.py --sweep               # also the radix kernels' CHUNK / BLOCK
 """
 
 from __future__ import annotations
@@ -75,10 +75,9 @@ def sweep(dev: torch.device) -> None:
 
     def radix():
         return sk.gumbel_argmax(logits, keys, sk.cut_threshold(logits, temps, None, None, top_p), temps)
-    for chunk, block, column in itertools.product((2048, 4096, 8192), (64, 128, 256), (True, False)):
-        sk.CHUNK, sk.BLOCK, sk.COLUMN = chunk, block, column
-        print(f"sweep, 256 rows x 128256: CHUNK {chunk} BLOCK {block} COLUMN {column}: {timed(radix):.3f} ms",
-              flush=True)
+    for chunk, block in itertools.product((2048, 4096, 8192), (64, 128, 256)):
+        sk.CHUNK, sk.BLOCK = chunk, block
+        print(f"sweep, 256 rows x 128256: CHUNK {chunk} BLOCK {block}: {timed(radix):.3f} ms", flush=True)
 
 
 def main() -> int:
@@ -93,7 +92,7 @@ def main() -> int:
         return 2
     dev = torch.device("cuda")
     print(f"# sampler on {torch.cuda.get_device_name(dev)}: bf16 logits, temperature 0.8, top-p 0.95 (top-k 50); "
-          f"radix kernels CHUNK {sk.CHUNK} BLOCK {sk.BLOCK} COLUMN {sk.COLUMN}; medians, ms")
+          f"radix kernels CHUNK {sk.CHUNK} BLOCK {sk.BLOCK}; medians, ms")
     print("| vocab | rows | spread | greedy | sort path | radix top-p | (threshold, draw) | radix top-k + top-p "
           "| radix / sort | same tokens |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
