@@ -8,7 +8,8 @@ real shapes; both KV pools full of random K/V; random non-contiguous blocks.
 For each shape, batch and context it times one decode step (host to host: inputs, graph replay,
 LM head, greedy sampling, tokens back) with no rows offloaded (``never``), half of them (``half``)
 and all of them (``always``; ``two-batch``: all of them with the step cut in two batches whose
-layers interleave, `LlamaForCausalLM.forward_two_batches`), and prints the ratios to the all-local
+layers interleave, `LlamaForCausalLM.forward_two_batches`; ``half-two-batch``: half of them, the
+local rows and the offloaded rows as the two batches), and prints the ratios to the all-local
 step next to the byte roofline of the all-local step: (weight bytes + every row's K/V bytes) / the
 decode GPU's copy bandwidth.
 A case whose KV does not fit its pool is listed as such.
@@ -39,8 +40,10 @@ import torch
 from adrenaline_py.config import DEFAULT_EXECUTOR_SM_SHARE, EngineConfig, ModelConfig
 from adrenaline_py.request import GenerationParams, OutputOptions, SamplingParams
 
-# share of the rows offloaded; "two-batch": all of them, the step cut in two interleaved batches
-MODES = {"never": 0.0, "half": 0.5, "always": 1.0, "two-batch": 1.0}
+# share of the rows offloaded; "two-batch": all of them, the step cut in two interleaved batches;
+# "half-two-batch": half of them, the local rows and the offloaded rows as the two batches
+MODES = {"never": 0.0, "half": 0.5, "half-two-batch": 0.5, "always": 1.0, "two-batch": 1.0}
+CUT_MODES = ("two-batch", "half-two-batch")
 PAGE = 16
 HEADROOM_BYTES = 8 << 30      # activations, graphs, logits and allocator slack beside weights + pool
 NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -157,7 +160,7 @@ def run_shape(shape: str, batches: list[int], contexts: list[int], modes: list[s
         transport = make_transport(cfg, engine, dtype, device, executor_pid=lambda: payload["pid"])
         runner = DecodeRunner(model, make_attention_backend(device), pool, transport, cuda_graphs=engine.cuda_graphs,
                               max_model_len=engine.max_model_len, max_batch=engine.max_decode_batch,
-                              two_batch="on")
+                              two_batch="on", two_batch_min_rows=1)  # graphs captured on first use
         weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                       if "embed_tokens" not in n or cfg.tie_word_embeddings)
         info["weight_gb"] = weights / 1e9
@@ -169,7 +172,7 @@ def run_shape(shape: str, batches: list[int], contexts: list[int], modes: list[s
                 for mode in modes:
                     n = round(b * MODES[mode])
                     case = Case(shape, b, c, mode, b - n, n)
-                    runner.two_batch = "on" if mode == "two-batch" else "off"
+                    runner.two_batch = "on" if mode in CUT_MODES else "off"
                     cases.append(case)
                     tables: dict[str, list[list[int]]] = {"decode": [], "executor": []}
                     need = blocks_needed(c, PAGE)
@@ -195,7 +198,7 @@ def run_shape(shape: str, batches: list[int], contexts: list[int], modes: list[s
                                 runner.run(plan)
                                 times.append((time.perf_counter() - t0) * 1e3)
                             case.step_ms = statistics.median(times)
-                            if (runner.two_batch_steps > cut) != (mode == "two-batch"):
+                            if (runner.two_batch_steps > cut) != (mode in CUT_MODES):
                                 raise RuntimeError("the step was not cut as the mode says")
                     except Exception as e:
                         case.note = f"failed: {type(e).__name__}: {e}"
@@ -237,16 +240,18 @@ def _ratio(a: float | None, b: float | None) -> str:
 
 
 def table(cases: list[Case], infos: dict[str, dict]) -> str:
-    lines = ["| shape | batch | context | never ms | half ms | always ms | always, two batches ms | half / never | "
-             "always / never | two batches / never | roofline (all local) ms | never / roofline |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| shape | batch | context | never ms | half ms | half, two batches ms | always ms | "
+             "always, two batches ms | half / never | half, two batches / never | always / never | "
+             "two batches / never | roofline (all local) ms | never / roofline |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     by = {(c.shape, c.batch, c.context, c.mode): c for c in cases}
     for shape, b, ctx in sorted({(c.shape, c.batch, c.context) for c in cases}, key=lambda k: (k[0], k[2], k[1])):
         row = {m: by.get((shape, b, ctx, m)) for m in MODES}
         ms = {m: (c.step_ms if c else None) for m, c in row.items()}
         roof = infos.get(shape, {}).get("roofline_ms", {}).get(f"{b}x{ctx}")
         lines.append(f"| {shape} | {b} | {ctx} | {_cell(row['never'])} | {_cell(row['half'])} | "
-                     f"{_cell(row['always'])} | {_cell(row['two-batch'])} | {_ratio(ms['half'], ms['never'])} | "
+                     f"{_cell(row['half-two-batch'])} | {_cell(row['always'])} | {_cell(row['two-batch'])} | "
+                     f"{_ratio(ms['half'], ms['never'])} | {_ratio(ms['half-two-batch'], ms['never'])} | "
                      f"{_ratio(ms['always'], ms['never'])} | {_ratio(ms['two-batch'], ms['never'])} | "
                      f"{f'{roof:.2f}' if roof else '—'} | "
                      f"{_ratio(ms['never'], roof)} |")

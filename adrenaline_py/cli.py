@@ -31,6 +31,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--two-batch-overlap", choices=["auto", "on", "off"], default=d.two_batch_overlap,
                    help="steps with every row offloaded run as two interleaved batches, so decode's dense work "
                         "overlaps the executor's attention; auto: when the step's KV reads outweigh the weights")
+    g.add_argument("--two-batch-min-rows", type=int, default=d.two_batch_min_rows,
+                   help="unless --two-batch-overlap off: steps with at least this many local and as many offloaded "
+                        "rows run as two interleaved batches, the local rows and the offloaded ones, so the "
+                        "executor's attention hides behind decode's whole layer of the local rows (0: never)")
     g.add_argument("--prefill-sm-share", type=int, default=d.prefill_sm_share,
                    help="MPS %% of SMs for prefill; default: the smallest profiled share meeting --ttft-slo, else 70")
     g.add_argument("--executor-sm-share", type=int, default=d.executor_sm_share,
@@ -76,6 +80,7 @@ def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
         model=a.model, device=a.device, prefill_gpu=a.prefill_gpu, decode_gpu=a.decode_gpu,
         dtype=a.dtype or ("float32" if a.device == "cpu" else "bfloat16"),
         offload=a.offload, offload_bound=a.offload_bound, two_batch_overlap=a.two_batch_overlap,
+        two_batch_min_rows=a.two_batch_min_rows,
         prefill_sm_share=a.prefill_sm_share,
         executor_sm_share=a.executor_sm_share, ttft_slo_ms=a.ttft_slo, tpot_slo_ms=a.tpot_slo,
         gpu_memory_utilization=a.gpu_memory_utilization, max_model_len=a.max_model_len,

@@ -177,8 +177,12 @@ class EngineConfig:
     offload_bound: float | None = None  # OB: offloaded load / local load the executor can hide
     # A step whose rows are all offloaded runs as two batches whose layers interleave (decode's dense
     # work of one beside the executor's attention of the other): auto = when its KV reads outweigh
-    # the weights (adrenaline_py/engine/decode.py, DecodeRunner.cuts_in_two)
+    # the weights (adrenaline_py/engine/decode.py, DecodeRunner.cuts_in_two). Unless off, a step
+    # with at least ``two_batch_min_rows`` local and as many offloaded rows runs as two batches too,
+    # its local rows and its offloaded rows (0, the default: never; on two H200s it cost 2-15 % at
+    # 128-256 rows each and saved 2 % at 192 + 192 with llama-2-7b: docs/performance.md, ninth run).
     two_batch_overlap: str = "auto"
+    two_batch_min_rows: int = 0
     prefill_sm_share: int | None = None  # MPS percentages on the prefill GPU
     executor_sm_share: int | None = None
     ttft_slo_ms: float | None = None     # time-to-first-token SLO: picks the prefill SM share
@@ -206,6 +210,8 @@ class EngineConfig:
         if self.two_batch_overlap not in TWO_BATCH_MODES:
             raise ValueError(f"two_batch_overlap must be one of {'|'.join(TWO_BATCH_MODES)}, "
                              f"got {self.two_batch_overlap!r}")
+        if self.two_batch_min_rows < 0:
+            raise ValueError(f"two_batch_min_rows must be >= 0, got {self.two_batch_min_rows}")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
         if self.max_tokens_limit >= self.max_model_len:

@@ -1,5 +1,11 @@
+import os
 import socket
 from pathlib import Path
+
+# Decode and the executor in one process on one GPU (LocalEngine, the GPU tests' one-GPU layout)
+# share a CUDA context: a kernel loaded lazily while a flag wait spins would hang it
+# (adrenaline_py/engine/local.py, _load_kernels_eagerly). Set before anything starts CUDA.
+os.environ.setdefault("CUDA_MODULE_LOADING", "EAGER")
 
 import pytest
 import torch

@@ -15,7 +15,8 @@ def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize("offload", ["never", "always", "ratio:0.5", "always, two batches"])
+@pytest.mark.parametrize("offload", ["never", "always", "ratio:0.5", "always, two batches",
+                                     "ratio:0.5, two batches"])
 def test_tiny_gqa_greedy_matches_transformers(tiny_hf, offload):
     hf, ckpt = tiny_hf
     gen = torch.Generator().manual_seed(1)
@@ -25,11 +26,15 @@ def test_tiny_gqa_greedy_matches_transformers(tiny_hf, offload):
     expected = [hf_greedy(hf, p, n_new) for p in prompts]
     two_batch = "on" if offload.endswith("two batches") else "off"
     offload = offload.split(",")[0]
-    with LocalEngine(ckpt, small_engine_config(offload=offload, two_batch_overlap=two_batch)) as engine:
+    # ratio:0.5 cut in two: the local rows and the offloaded rows are the two batches (from one row each)
+    cfg = small_engine_config(offload=offload, two_batch_overlap=two_batch, two_batch_min_rows=1)
+    with LocalEngine(ckpt, cfg) as engine:
         got = engine.generate(prompts, [greedy(n_new) for _ in prompts])
         two_batch_steps = engine.decode.runner.two_batch_steps
+        local_remote_steps = engine.decode.runner.local_remote_steps
     assert [c.output_ids for c in got] == expected
     assert (two_batch_steps > 0) == (two_batch == "on")  # the interleaved schedule really ran
+    assert (local_remote_steps > 0) == (two_batch == "on" and offload == "ratio:0.5")
     assert all(c.finish_reason == "length" for c in got)
     if offload == "always":
         assert all(c.offloaded for c in got)
@@ -324,3 +329,12 @@ def test_overlapped_steps_end_a_request_at_its_stop_string_and_free_its_blocks(t
     assert got[1].output_ids == sync[1].output_ids == free[1].output_ids
     assert loop.overlapped_steps > 0
     assert all(n == total for n, total in blocks.values())
+
+
+def test_one_gpu_in_process_offloading_without_cuda_graphs_is_refused_not_hung(tiny_hf):
+    # eager steps load Triton kernels while the exchange's flag waits spin in the same CUDA context,
+    # which hangs (docs/performance.md, ninth run): refused up front, before any CUDA work
+    _, ckpt = tiny_hf
+    cfg = small_engine_config(device="cuda", offload="always", prefill_gpu=0, decode_gpu=0, cuda_graphs=False)
+    with pytest.raises(ValueError, match="needs CUDA graphs"):
+        LocalEngine(ckpt, cfg)

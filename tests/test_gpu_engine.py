@@ -186,21 +186,23 @@ def test_cuda_graph_decode_logits_match_transformers(dtype, tmp_path):
 
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("offload", ["never", "always", "ratio:0.5", "always, two batches", "never, overlapped steps",
-                                     "ratio:0.5, overlapped steps", "always, overlapped steps"])
+@pytest.mark.parametrize("offload", ["never", "always", "ratio:0.5", "always, two batches", "ratio:0.5, two batches",
+                                     "never, overlapped steps", "ratio:0.5, overlapped steps",
+                                     "always, overlapped steps", "ratio:0.5, two batches, overlapped steps"])
 def test_local_engine_on_gpu_offloaded_and_local_agree(offload, layout, tmp_path):
     """The whole engine on the GPUs (pools and exchange buffers in CUDA IPC memory, graphs on, the
     device transport): float32, greedy, against transformers on the same weights."""
     from adrenaline_py.engine.local import LocalEngine
 
-    if layout == (0, 0) and offload.startswith("always"):
-        # A known hang (docs/performance.md, "Not done"): decode and the executor in one process on
-        # one GPU with every row offloaded never finish a step (ratio:0.5 there passes; two GPUs pass).
-        pytest.xfail("known hang: every row offloaded with decode and the executor in one process on one GPU")
+    if layout == (0, 0) and offload.startswith("always") and os.environ.get("CUDA_MODULE_LOADING") != "EAGER":
+        # decode and the executor in one process on one GPU: a kernel loaded lazily while a flag wait
+        # spins hangs the shared context (docs/performance.md, ninth run; tests/conftest.py sets EAGER)
+        pytest.xfail("one process on one GPU needs CUDA_MODULE_LOADING=EAGER")
     hf, ckpt = _tiny(torch.float32)
     g = torch.Generator().manual_seed(9)
     lengths = (3, 40, 129)
-    if offload.endswith("two batches"):  # more than 8 rows: a bucket of 16 that the graphs cut in two
+    if "two batches" in offload:  # more than 8 rows: a bucket of 16 that the graphs cut in two; with
+        # ratio:0.5 5 local + 5 offloaded rows, the bucket pair (8, 8) cut into its local and offloaded rows
         lengths = (3, 40, 129, 7, 64, 20, 11, 90, 33, 5)
     prompts = [torch.randint(3, ckpt.config.vocab_size, (n,), generator=g).tolist() for n in lengths]
     n_new = 12
@@ -208,11 +210,12 @@ def test_local_engine_on_gpu_offloaded_and_local_agree(offload, layout, tmp_path
     torch.backends.cuda.matmul.allow_tf32 = False
     expected = [hf.generate(torch.tensor([p], device=DEVICE), max_new_tokens=n_new, min_new_tokens=n_new,
                             do_sample=False, pad_token_id=0, eos_token_id=None)[0, len(p):].tolist() for p in prompts]
-    two_batch = "on" if offload.endswith("two batches") else "off"
+    two_batch = "on" if "two batches" in offload else "off"
     overlap = offload.endswith("overlapped steps")  # --overlap-steps: steps launched ahead (local-only ones on GPUs)
     offload = offload.split(",")[0]
     cfg = small_engine_config(device="cuda", offload=offload, run_dir=str(tmp_path), prefill_gpu=layout[0],
-                              decode_gpu=layout[1], two_batch_overlap=two_batch, overlap_steps=overlap)
+                              decode_gpu=layout[1], two_batch_overlap=two_batch, two_batch_min_rows=4,
+                              overlap_steps=overlap)
     with LocalEngine(ckpt, cfg, dtype=torch.float32) as engine:
         got = engine.generate(prompts, [greedy(n_new) for _ in prompts])
         graphs = engine.decode.runner.graphs
@@ -220,8 +223,11 @@ def test_local_engine_on_gpu_offloaded_and_local_agree(offload, layout, tmp_path
         assert (engine.decode.runner.two_batch_steps > 0) == (two_batch == "on")
         if overlap:  # offloaded steps overlap too (the device transport watches two steps in flight)
             assert engine.decode.loop.overlapped_steps > 0
-        if two_batch == "on":  # the executor replayed captured two-batch steps too
+        if two_batch == "on" and offload == "always":  # the executor replayed captured two-batch steps too
             assert (16, 8) in engine.executor.graphs._graphs.graphs
+        if two_batch == "on" and offload == "ratio:0.5":  # steps cut into their local and offloaded rows, captured
+            assert engine.decode.runner.local_remote_steps > 0
+            assert (8, 8, 8) in graphs._graphs.graphs
         if offload != "never":
             assert engine.executor.num_steps > 0
             waits = engine.decode.runner.transport.wait_seconds()  # GPU seconds in the exchange's waits

@@ -8,7 +8,10 @@ of the step (adrenaline_py/engine/cuda_graphs.py).
 
 When every row is offloaded there is no local attention to hide the remote one behind; the step
 then runs as two batches (`start`/`finish`, `LlamaForCausalLM.forward_two_batches`): one batch's
-dense work here overlaps the other's attention on the executor.
+dense work here overlaps the other's attention on the executor. A step with many local and many
+offloaded rows may run as two batches too, the local rows and the offloaded ones: the executor's
+attention of a layer then hides behind decode's whole layer of the local rows (dense work and
+attention), not behind their attention alone.
 """
 
 from __future__ import annotations
@@ -38,6 +41,13 @@ def two_batch_metadata(rows: int, split: int) -> tuple[OffloadDecodeMetadata, Of
     """The metadata of an all-offloaded step of ``rows`` rows cut at ``split`` into two batches."""
     return (OffloadDecodeMetadata(None, 0, split, part=0, row0=0),
             OffloadDecodeMetadata(None, 0, rows - split, part=1, row0=split))
+
+
+def local_remote_metadata(local: DecodeMetadata, num_local: int, num_remote: int
+                          ) -> tuple[OffloadDecodeMetadata, OffloadDecodeMetadata]:
+    """The metadata of a step run as two batches, its local rows and its offloaded rows: the executor
+    sees one batch, as in a step not cut (the offloaded rows' exchange is the same)."""
+    return (OffloadDecodeMetadata(local, num_local, 0), OffloadDecodeMetadata(None, 0, num_remote))
 
 
 class OffloadAttentionBackend(AttentionBackend):

@@ -8,15 +8,18 @@ no gaps. A graph fixes every shape and pointer, so:
   array through one pinned copy; block tables stay on the device, uploaded once per sequence;
 - decode graphs are keyed by (local bucket, offloaded bucket, split) — the 2-D buckets: rows are laid
   out ``[local | local padding | offloaded | offloaded padding]``; padding rows get slot -1 (the KV
-  store skips them) and length 1; split > 0 only for all-offloaded steps run as two batches (rows
-  [0, split) and [split, bucket), split = bucket // 2). The executor's graphs are keyed by its
-  (offloaded) bucket and the split;
+  store skips them) and length 1; split > 0 for steps run as two batches (two-batch overlap): an
+  all-offloaded step cut at split = bucket // 2, or a step whose local rows are one batch and its
+  offloaded rows the other (split = the local bucket). The executor's graphs are keyed by its
+  (offloaded) bucket and the split (0 for the second kind: the executor sees one batch);
 - the attention kernel's grid is sized for ``max_model_len`` and programs past a sequence's end
   exit at once, so context length is not a key;
 - how many graphs: decode captures one per *reachable* pair — local buckets ∪ {0} × offloaded
   buckets ∪ {0}, keeping pairs whose smallest step fits ``max_batch`` (`graph_keys`) — plus, with
-  the two-batch overlap, one per offloaded bucket from 16 cut in two. With max_batch 64 that is
-  61 + 5 graphs (9 without offloading), with 256 177 + 11, with 400 255 + 14. All graphs of a
+  the two-batch overlap, one per offloaded bucket from 16 cut in two, and one per pair whose local
+  and offloaded buckets both hold at least ``two_batch_min_rows`` rows cut between them. With
+  max_batch 64 that is 61 + 5 graphs (9 without offloading), with 256 177 + 11 + 3, with 400
+  255 + 14 + 26, with 768 383 + 17 + 87 (two_batch_min_rows 128). All graphs of a
   process share one memory pool and are captured largest first, so activations take the largest's memory;
 - only the layers are captured; the LM head and sampling run after the replay, on the rows in use.
 
@@ -33,7 +36,12 @@ from collections.abc import Callable
 import torch
 
 from adrenaline_py.attention import AttentionBackend, DecodeMetadata
-from adrenaline_py.attention.offload import OffloadAttentionBackend, OffloadDecodeMetadata, two_batch_metadata
+from adrenaline_py.attention.offload import (
+    OffloadAttentionBackend,
+    OffloadDecodeMetadata,
+    local_remote_metadata,
+    two_batch_metadata,
+)
 from adrenaline_py.models.llama import LlamaForCausalLM
 from adrenaline_py.transport import Batch, batch_cuts
 
@@ -190,6 +198,7 @@ class DecodeGraphs:
         max_model_len: int,
         offload: bool = True,      # also capture steps with offloaded rows (a capturable transport)
         two_batch: bool = False,   # also capture all-offloaded steps cut in two batches (two-batch overlap)
+        two_batch_min_rows: int = 0,  # with two_batch: also steps cut into local and offloaded rows, both this many
     ) -> None:
         self.model, self.backend, self.kv = model, backend, kv
         self._offloading = isinstance(backend, OffloadAttentionBackend)
@@ -201,22 +210,25 @@ class DecodeGraphs:
         self.remote_buckets = offload_buckets(max_batch) if offload else []
         pairs = graph_keys(max_batch, offload)
         rows = max(mb + nb for mb, nb in pairs)
-        # (local bucket, offloaded bucket, split): split = nb // 2 cuts an all-offloaded step in two
+        # (local bucket, offloaded bucket, split): split = nb // 2 cuts an all-offloaded step in two,
+        # split = mb a step into its local and its offloaded rows
         self.keys = [(mb, nb, 0) for mb, nb in pairs]
         if offload and two_batch:
             self.keys += [(0, nb, nb // 2) for nb in cut_buckets(self.remote_buckets)]
+            if two_batch_min_rows > 0:
+                self.keys += [(mb, nb, mb) for mb, nb in pairs if min(mb, nb) >= two_batch_min_rows]
         # per row: token, position, context length, table row, and the row of the previous step's
         # token tensor that holds this row's token (-1: the token column has it; overlapped steps)
         self.inputs = BatchInputs(rows, [0, 0, 1, rows, -1], -(-max_model_len // self.block_size), self.device)
         self._graphs = _GraphSet(self.device)
 
     def buckets_for(self, num_local: int, num_remote: int, two_batch: bool = False) -> tuple[int, int, int] | None:
-        """The graph key of a step (``two_batch``: all rows offloaded, cut in two), or None when no graph
-        covers it."""
+        """The graph key of a step (``two_batch``: run as two batches, all-offloaded rows cut in two or
+        local rows and offloaded rows), or None when no graph covers it."""
         mb, nb = _bucket(self.local_buckets, num_local), _bucket(self.remote_buckets, num_remote)
         if mb is None or nb is None:
             return None
-        key = (mb, nb, nb // 2 if two_batch and mb == 0 else 0)
+        key = (mb, nb, (mb or nb // 2) if two_batch and nb else 0)
         return key if key in self._key_set else None
 
     @property
@@ -236,7 +248,7 @@ class DecodeGraphs:
 
     def _forward(self, mb: int, nb: int, split: int) -> torch.Tensor:
         ids, positions, lens, rows = (t.contiguous() for t in self.inputs.values[: mb + nb, :4].unbind(1))
-        if split:
+        if split and not mb:
             return self.model.forward_two_batches(ids, positions, self.backend, two_batch_metadata(nb, split), split)
         local = None
         if mb:
@@ -245,6 +257,9 @@ class DecodeGraphs:
             slots = tables.gather(1, (pos // bs)[:, None]).squeeze(1) * bs + pos % bs
             slots = torch.where(rows[:mb] == self.inputs.pad_row, -1, slots)
             local = DecodeMetadata(self.kv, tables, lens[:mb].contiguous(), slots, self.max_model_len)
+        if split:  # local rows, then offloaded rows
+            return self.model.forward_two_batches(ids, positions, self.backend, local_remote_metadata(local, mb, nb),
+                                                  split)
         meta = OffloadDecodeMetadata(local, mb, nb) if self._offloading else local
         return self.model(ids, positions, self.backend, meta)
 

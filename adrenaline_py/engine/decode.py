@@ -22,7 +22,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from adrenaline_py.attention import AttentionBackend, DecodeMetadata, build_decode_metadata
-from adrenaline_py.attention.offload import OffloadAttentionBackend, OffloadDecodeMetadata, two_batch_metadata
+from adrenaline_py.attention.offload import (
+    OffloadAttentionBackend,
+    OffloadDecodeMetadata,
+    local_remote_metadata,
+    two_batch_metadata,
+)
 from adrenaline_py.attention.triton_decode import TritonAttentionBackend
 from adrenaline_py.config import TWO_BATCH_MODES
 from adrenaline_py.engine.cuda_graphs import DecodeGraphs, pending_tokens
@@ -373,12 +378,17 @@ class DecodeRunner:
         max_model_len: int = 0,
         max_batch: int = 0,
         two_batch: str = "off",
+        two_batch_min_rows: int = 0,
     ) -> None:
         if two_batch not in TWO_BATCH_MODES:
             raise ValueError(f"two_batch must be one of {TWO_BATCH_MODES}, got {two_batch!r}")
         self.model = model
         self.two_batch = two_batch
-        self.two_batch_steps = 0  # steps run as two batches (all rows offloaded), for metrics and tests
+        # unless two_batch is off: a step with this many local and offloaded rows (both; 0: never) runs
+        # as two batches, its local rows and its offloaded rows
+        self.two_batch_min_rows = two_batch_min_rows
+        self.two_batch_steps = 0  # steps run as two batches, for metrics and tests
+        self.local_remote_steps = 0  # of them: cut into their local and offloaded rows
         cfg = model.config
         elem = model.lm_head.weight.element_size()
         # auto: cut an all-offloaded step in two when its KV reads outweigh a pass over the weights
@@ -398,11 +408,17 @@ class DecodeRunner:
         self._span = _DeviceSpan(self.device)
         if cuda_graphs and self.device.type == "cuda" and isinstance(local_backend, TritonAttentionBackend):
             self.graphs = DecodeGraphs(model, self.backend, decode_pool.kv, max_batch, max_model_len,
-                                       offload=transport.capturable, two_batch=two_batch != "off")
+                                       offload=transport.capturable, two_batch=two_batch != "off",
+                                       two_batch_min_rows=two_batch_min_rows)
 
     def cuts_in_two(self, plan: DecodePlan) -> bool:
-        """Whether this step runs as two batches (two-batch overlap): only when every row is offloaded."""
-        if plan.local or len(plan.offloaded) < 2 or self.two_batch == "off":
+        """Whether this step runs as two batches (two-batch overlap): every row offloaded and cut in two,
+        or at least ``two_batch_min_rows`` local and offloaded rows, each side one batch."""
+        if self.two_batch == "off" or not plan.offloaded:
+            return False
+        if plan.local:
+            return 0 < self.two_batch_min_rows <= min(len(plan.local), len(plan.offloaded))
+        if len(plan.offloaded) < 2:
             return False
         if self.two_batch == "on":
             return True
@@ -424,14 +440,18 @@ class DecodeRunner:
         prev = pending.tokens if pending is not None and any(ahead) else None
         two = self.cuts_in_two(plan)
         key = self.graphs.buckets_for(m, n, two) if self.graphs is not None else None
-        if two and key is None and self.graphs is not None and self.two_batch == "auto":
-            # no graph of the cut (fewer than 9 rows): an eager step would cost more than the overlap saves
+        if two and key is None and self.graphs is not None and (self.two_batch == "auto" or m):
+            # no graph of the cut (fewer than 9 rows; a bucket pair not captured): an eager step would
+            # cost more than the overlap saves
             two, key = False, self.graphs.buckets_for(m, n)
-        split = (key[2] if key is not None else (n + 1) // 2) if two else 0
+        split = (key[2] if key is not None else (m or (n + 1) // 2)) if two else 0
         self.two_batch_steps += bool(split)
+        self.local_remote_steps += bool(split and m)
         if n:  # the schedule goes first: the executor prepares its step while we prepare ours
+            # (a step cut into local and offloaded rows is one batch to the executor)
             self.transport.begin_step([s.seq_id for s in plan.offloaded],
-                                      {s.seq_id: s.block_table for s in plan.offloaded}, lens[m:], split)
+                                      {s.seq_id: s.block_table for s in plan.offloaded}, lens[m:],
+                                      0 if m else split)
         self._span.begin()
         hidden = None
         ids = [s.output_ids[-1] for s in seqs]
@@ -445,11 +465,11 @@ class DecodeRunner:
             if prev is not None:
                 input_ids = pending_tokens(input_ids, torch.tensor(token_rows, dtype=torch.long, device=dev), prev)
             positions = torch.tensor([x - 1 for x in lens], dtype=torch.long, device=dev)
+            local_meta = self._local_metadata(plan.local, lens[:m]) if plan.local else None
             if split:
-                hidden = self.model.forward_two_batches(input_ids, positions, self.backend,
-                                                        two_batch_metadata(n, split), split)
+                metas = local_remote_metadata(local_meta, m, n) if m else two_batch_metadata(n, split)
+                hidden = self.model.forward_two_batches(input_ids, positions, self.backend, metas, split)
             else:
-                local_meta = self._local_metadata(plan.local, lens[:m]) if plan.local else None
                 hidden = self.model(input_ids, positions, self.backend, OffloadDecodeMetadata(local_meta, m, n))
         self.launched_at = time.perf_counter()
         logits = self.model.compute_logits(hidden)

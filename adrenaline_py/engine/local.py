@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import tempfile
 import threading
 from dataclasses import dataclass, replace
@@ -42,8 +43,32 @@ class Completion:
     chunks: list[ResponseChunk]
 
 
+def _load_kernels_eagerly() -> None:
+    """Decode and the executor on one GPU in one process share a CUDA context. Loading a kernel may
+    synchronize the context (CUDA's lazy loading, a Triton kernel's first launch), and while one of
+    the exchange's flag waits spins, the context never drains: the process hangs (docs/performance.md,
+    ninth run). With ``CUDA_MODULE_LOADING=EAGER`` torch's kernels load when CUDA starts, and the
+    CUDA graphs' warm-ups load the Triton kernels of the steps before the first exchange (eager
+    steps are refused). The variable only counts before CUDA starts in this process. Kernels first
+    launched outside the graphs mid-run (a first sampled request's sampler kernels) are not covered."""
+    if os.environ.get("CUDA_MODULE_LOADING") == "EAGER":
+        return
+    if torch.cuda.is_initialized():
+        log.warning("offloading on one GPU in one process with CUDA's lazy kernel loading may hang: set "
+                    "CUDA_MODULE_LOADING=EAGER before CUDA starts (or serve: one process per role)")
+        return
+    os.environ["CUDA_MODULE_LOADING"] = "EAGER"
+
+
 class LocalEngine:
     def __init__(self, ckpt: Checkpoint, engine: EngineConfig, dtype: torch.dtype = torch.float32) -> None:
+        # decode and the executor in one CUDA context (see _load_kernels_eagerly)
+        shares_one_context = (engine.device == "cuda" and engine.prefill_gpu == engine.decode_gpu
+                              and engine.offload != "never")
+        if shares_one_context and not engine.cuda_graphs:  # eager steps load kernels mid-exchange (ninth run)
+            raise ValueError("offloading with decode and the executor on one GPU in one process needs CUDA graphs "
+                             "(eager steps load kernels while the exchange's waits spin, which hangs); drop "
+                             "--no-cuda-graphs, use two GPUs, or serve (one process per role)")
         self._tmp = None
         if engine.run_dir == EngineConfig().run_dir:
             self._tmp = tempfile.TemporaryDirectory(prefix="adrenaline-local-", dir="/dev/shm")
@@ -56,6 +81,8 @@ class LocalEngine:
         self.engine = engine
         self.ckpt = ckpt
         self.placement = placement = Placement.of(engine)
+        if shares_one_context:
+            _load_kernels_eagerly()
         # Each role on its device, as under Triton; each thread that launches work binds its device.
         self.executor = AttentionExecutor(ckpt.config, engine, dtype, placement.executor)
         self.executor.start()

@@ -39,7 +39,8 @@ class DecodeService:
         self.scheduler = scheduler = DecodeScheduler(pools, engine.max_decode_batch)
         runner = DecodeRunner(model, make_attention_backend(device), pools("decode"), self.transport,
                               cuda_graphs=engine.cuda_graphs, max_model_len=engine.max_model_len,
-                              max_batch=engine.max_decode_batch, two_batch=engine.two_batch_overlap)
+                              max_batch=engine.max_decode_batch, two_batch=engine.two_batch_overlap,
+                              two_batch_min_rows=engine.two_batch_min_rows)
         if runner.graphs is not None:
             runner.graphs.capture()
         self.runner = runner

@@ -363,8 +363,8 @@ class DecodeMetrics:
                                        "COUNTER")
         self.finished: dict[str, object] = {}
         self.two_batch = family("adrenaline_decode_two_batch_steps_total",
-                                "decode steps run as two interleaved batches (every row offloaded, two-batch "
-                                "overlap)", "COUNTER").Metric()
+                                "decode steps run as two interleaved batches (two-batch overlap: an all-offloaded "
+                                "step cut in two, or a step's local rows and its offloaded rows)", "COUNTER").Metric()
         self.recovered = family("adrenaline_offload_recovered_total",
                                 "offloaded requests moved to decode after an executor failure", "COUNTER").Metric()
         phases = family("adrenaline_decode_step_seconds_total",
