@@ -69,6 +69,8 @@ class LocalEngine:
             raise ValueError("offloading with decode and the executor on one GPU in one process needs CUDA graphs "
                              "(eager steps load kernels while the exchange's waits spin, which hangs); drop "
                              "--no-cuda-graphs, use two GPUs, or serve (one process per role)")
+        if shares_one_context:
+            _load_kernels_eagerly()  # before anything here starts CUDA
         self._tmp = None
         if engine.run_dir == EngineConfig().run_dir:
             self._tmp = tempfile.TemporaryDirectory(prefix="adrenaline-local-", dir="/dev/shm")
@@ -81,8 +83,6 @@ class LocalEngine:
         self.engine = engine
         self.ckpt = ckpt
         self.placement = placement = Placement.of(engine)
-        if shares_one_context:
-            _load_kernels_eagerly()
         # Each role on its device, as under Triton; each thread that launches work binds its device.
         self.executor = AttentionExecutor(ckpt.config, engine, dtype, placement.executor)
         self.executor.start()
