@@ -21,6 +21,7 @@ noise and takes the argmax in one pass (`gumbel_argmax`); elsewhere torch makes 
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -248,6 +249,26 @@ def _sample_rows(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     if threshold is not None:
         scores = scores.masked_fill(scores < threshold[:, None], float("-inf"))
     return (scores + _noise_of(keys, vocab)).argmax(-1)
+
+
+def warm_up(vocab: int, dtype: torch.dtype, device: torch.device) -> None:
+    """Run each CUDA sampling path once: every combination of min-p, top-k and top-p, and a batch
+    mixing greedy and sampled rows. Their Triton kernels are then compiled and loaded at start-up,
+    not when the first sampled request comes: a first launch compiles for seconds while the decode
+    loop waits, and loading a kernel may synchronize the CUDA context, which hangs a process where
+    decode and the executor share one (engine/local.py). Does nothing where the kernels do not run;
+    a failure is logged, never raised (`choose` falls back to torch by itself)."""
+    try:
+        logits = torch.randn(2, vocab, device=device).to(dtype)
+        if not (runs_triton(logits) and _fused["ok"]):
+            return
+        for min_p, top_k, top_p in itertools.product((0.0, 0.05), (0, 50), (1.0, 0.9)):
+            params = SamplingParams(max_tokens=2, temperature=0.8, top_k=top_k, top_p=top_p, min_p=min_p)
+            choose(logits, [SamplingRow(params, []), SamplingRow(params, [1])])
+        choose(logits, [SamplingRow(SamplingParams(max_tokens=2), []),
+                        SamplingRow(SamplingParams(max_tokens=2, temperature=0.8), [])])
+    except Exception:
+        log.exception("sampler warm-up failed")
 
 
 def _kernels_failed(e: Exception) -> bool:

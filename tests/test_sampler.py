@@ -235,3 +235,32 @@ def test_noise_uniforms_stay_inside_the_open_interval_for_every_hash():
     assert bool(torch.isfinite(-torch.log(-torch.log(u))).all())
     assert bool((u[1:] >= u[:-1]).all())   # monotone in the hash
 
+
+
+def test_warm_up_runs_every_cut_path_of_the_cuda_sampler_once(monkeypatch):
+    # Where the kernels run, start-up must build each kernel variant a request can reach (min-p,
+    # top-k, top-p on and off), so that none is first compiled and loaded mid-serving. Here the
+    # kernels are spied on and answered by the torch path.
+    from adrenaline_py import sampler, sampler_kernels
+
+    cuts, draws_ = [], []
+
+    def fake_cut(logits, temps, log_min_p, k, top_p):
+        cuts.append((log_min_p is not None, k is not None, top_p is not None))
+        return torch.full((logits.shape[0],), float("-inf"))
+
+    def fake_draw(scores, keys, threshold=None, temps=None):
+        draws_.append(threshold is not None)
+        return scores.argmax(-1)
+
+    monkeypatch.setattr(sampler, "runs_triton", lambda t: True)
+    monkeypatch.setattr(sampler_kernels, "cut_threshold", fake_cut)
+    monkeypatch.setattr(sampler_kernels, "gumbel_argmax", fake_draw)
+    vocab = sampler_kernels.RADIX_MIN_VOCAB  # the radix path
+    sampler.warm_up(vocab, torch.bfloat16, torch.device("cpu"))
+    assert set(cuts) == {(m, k, p) for m in (False, True) for k in (False, True) for p in (False, True)} - {
+        (False, False, False)}
+    assert False in draws_ and True in draws_  # drawn with no cut and with one
+    cuts.clear(), draws_.clear()
+    sampler.warm_up(32000, torch.bfloat16, torch.device("cpu"))  # the sort path: only the draw is a kernel
+    assert not cuts and False in draws_ and True in draws_

@@ -12,7 +12,7 @@ from adrenaline_py.attention import AttentionBackend, KVWrite, PrefillMetadata
 from adrenaline_py.kv_cache import KVPool
 from adrenaline_py.models.llama import LlamaForCausalLM
 from adrenaline_py.request import SamplingParams
-from adrenaline_py.sampler import SamplingRow, sample
+from adrenaline_py.sampler import SamplingRow, sample, warm_up
 
 
 @dataclass
@@ -36,6 +36,8 @@ class PrefillRunner:
         self.pools = pools
         self.max_batch_tokens = max_batch_tokens
         self.device = model.lm_head.weight.device
+        # prefill samples each request's first token: its sampling kernels built now, not mid-serving
+        warm_up(model.lm_head.weight.shape[0], model.lm_head.weight.dtype, self.device)
 
     def run(self, items: list[PrefillItem]) -> list[int]:
         """First output token of each item (sampled with the item's own parameters)."""

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from adrenaline_py import sampler
 from adrenaline_py.attention import make_attention_backend
 from adrenaline_py.config import EngineConfig
 from adrenaline_py.engine.decode import DecodeEngine, DecodeRunner, DecodeScheduler, Sequence
@@ -43,6 +44,8 @@ class DecodeService:
                               two_batch_min_rows=engine.two_batch_min_rows)
         if runner.graphs is not None:
             runner.graphs.capture()
+        # the sampler's kernels built now, not under the first sampled request
+        sampler.warm_up(model.lm_head.weight.shape[0], model.lm_head.weight.dtype, device)
         self.runner = runner
         # On a GPU the loop's host work gets the GIL to itself; the output threads run while it
         # waits for the GPU (on CPU the loop computes on the host: no gate).
