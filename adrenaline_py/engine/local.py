@@ -49,8 +49,8 @@ def _load_kernels_eagerly() -> None:
     the exchange's flag waits spins, the context never drains: the process hangs (docs/performance.md,
     ninth run). With ``CUDA_MODULE_LOADING=EAGER`` torch's kernels load when CUDA starts, and the
     CUDA graphs' warm-ups load the Triton kernels of the steps before the first exchange (eager
-    steps are refused). The variable only counts before CUDA starts in this process. Kernels first
-    launched outside the graphs mid-run (a first sampled request's sampler kernels) are not covered."""
+    steps are refused), as `sampler.warm_up` does the sampler's. The variable only counts before CUDA
+    starts in this process."""
     if os.environ.get("CUDA_MODULE_LOADING") == "EAGER":
         return
     if torch.cuda.is_initialized():
