@@ -249,3 +249,32 @@ def test_a_gate_left_closed_delays_outputs_only_up_to_its_bound():
     t0 = time.perf_counter()
     gate.wait()
     assert 0.04 <= time.perf_counter() - t0 < 1.0
+
+
+def test_a_worker_that_fell_behind_answers_new_requests_before_running_streams():
+    # a new request's first response is its time to first token: it must not queue behind the
+    # merged tokens of every stream already running on its worker
+    from adrenaline_py.engine.output import OutputWorkers
+
+    running, new = make_seq(stream=True), make_seq(stream=True)
+    new.seq_id, running.handle, new.handle = 8, "running", "new"
+    sent, entered, gate = [], threading.Event(), threading.Event()
+
+    def send(handle, chunk):
+        if not sent:                  # the running stream's first response blocks while more queue up
+            entered.set()
+            gate.wait(5)
+        sent.append((handle, chunk.text))
+
+    workers = OutputWorkers(TOK, send, lambda seq_id: None, num_threads=1)
+    workers.start()
+    try:
+        a, b = events_for(running, "ab", finish_reason=None)
+        workers.submit([a])
+        assert entered.wait(5)
+        workers.submit([b])           # queued first ...
+        workers.submit(events_for(new, "x"))  # ... before the new request's first token
+        gate.set()
+    finally:
+        workers.stop()
+    assert sent == [("running", "a"), ("new", "x"), ("running", "b")]

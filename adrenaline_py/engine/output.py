@@ -6,11 +6,12 @@ thread and its response sender is never used by two threads at once (that crashe
 request), and call ``send(handle, chunk)`` for each response.
 
 A worker that falls behind catches up by merging: it takes every event queued for it and sends one
-response per request for all of that request's new tokens. A response through the Python
-backend costs 0.1-1 ms of a stub thread (docs/performance.md), so at a few hundred rows and tens of
-steps per second one response per token can outrun the senders; merging bounds the sends to what
-they can carry, and the decode loop never waits for a client. Streams then arrive in chunks of a
-few tokens (``num_output_tokens`` says how many), as with vLLM's ``stream_interval``.
+response per request for all of that request's new tokens, new requests' first tokens first. A
+response through the Python backend costs 0.1-1 ms of a stub thread (docs/performance.md), so at a
+few hundred rows and tens of steps per second one response per token can outrun the senders;
+merging bounds the sends to what they can carry, and the decode loop never waits for a client.
+Streams then arrive in chunks of a few tokens (``num_output_tokens`` says how many), as with vLLM's
+``stream_interval``.
 """
 
 from __future__ import annotations
@@ -233,7 +234,11 @@ class OutputWorkers:
                 at, ev = item
                 events.append(ev)
                 first_seen.setdefault(ev.seq.seq_id, at)
-            for ev in merge_events(events) if len(events) > 1 else events:
+            batch = merge_events(events) if len(events) > 1 else events
+            # New requests first: their first response is their time to first token, where a running
+            # stream's next one is only an inter-token gap (stable: each kind keeps its order)
+            batch.sort(key=lambda ev: ev.seq.seq_id in states)
+            for ev in batch:
                 if self._gate is not None:
                     self._gate.wait()
                 self._handle(states, ev, first_seen[ev.seq.seq_id], stats)
