@@ -259,9 +259,9 @@ def warm_up(vocab: int, dtype: torch.dtype, device: torch.device) -> None:
     decode and the executor share one (engine/local.py). Does nothing where the kernels do not run;
     a failure is logged, never raised (`choose` falls back to torch by itself)."""
     try:
-        logits = torch.randn(2, vocab, device=device).to(dtype)
-        if not (runs_triton(logits) and _fused["ok"]):
+        if not (_fused["ok"] and runs_triton(torch.empty(0, device=device))):
             return
+        logits = torch.randn(2, vocab, device=device).to(dtype)
         for min_p, top_k, top_p in itertools.product((0.0, 0.05), (0, 50), (1.0, 0.9)):
             params = SamplingParams(max_tokens=2, temperature=0.8, top_k=top_k, top_p=top_p, min_p=min_p)
             choose(logits, [SamplingRow(params, []), SamplingRow(params, [1])])

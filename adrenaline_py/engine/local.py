@@ -62,9 +62,9 @@ def _load_kernels_eagerly() -> None:
 
 class LocalEngine:
     def __init__(self, ckpt: Checkpoint, engine: EngineConfig, dtype: torch.dtype = torch.float32) -> None:
+        self.placement = placement = Placement.of(engine)
         # decode and the executor in one CUDA context (see _load_kernels_eagerly)
-        shares_one_context = (engine.device == "cuda" and engine.prefill_gpu == engine.decode_gpu
-                              and engine.offload != "never")
+        shares_one_context = engine.device == "cuda" and not placement.is_two_gpus and engine.offload != "never"
         if shares_one_context and not engine.cuda_graphs:  # eager steps load kernels mid-exchange (ninth run)
             raise ValueError("offloading with decode and the executor on one GPU in one process needs CUDA graphs "
                              "(eager steps load kernels while the exchange's waits spin, which hangs); drop "
@@ -82,7 +82,6 @@ class LocalEngine:
             log.info("%s", note)
         self.engine = engine
         self.ckpt = ckpt
-        self.placement = placement = Placement.of(engine)
         # Each role on its device, as under Triton; each thread that launches work binds its device.
         self.executor = AttentionExecutor(ckpt.config, engine, dtype, placement.executor)
         self.executor.start()
