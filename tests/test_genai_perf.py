@@ -64,20 +64,39 @@ CASES = {
 }
 
 
+def _profile(genai_perf: Path, endpoint: str, url: str, tokenizer_dir: Path, artifacts: Path):
+    cmd = [str(genai_perf), "profile", "-v", *CASES[endpoint], "-u", url, "--tokenizer", str(tokenizer_dir),
+           "--synthetic-input-tokens-mean", "32", "--output-tokens-mean", str(OUTPUT_TOKENS),
+           "--num-prompts", "6", "--request-count", "6", "--concurrency", "2", "--streaming",
+           "--artifact-dir", str(artifacts)]  # -v: perf_analyzer's own report goes to stdout too
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # perf_analyzer
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+
+
+def _empty_export(artifacts: Path) -> bool:
+    exports = glob.glob(str(artifacts / "*" / "profile_export.json"))
+    return bool(exports) and all(Path(e).stat().st_size == 0 for e in exports)
+
+
 @pytest.mark.server
 @pytest.mark.parametrize("endpoint", list(CASES))
 def test_genai_perf_profiles_each_endpoint_type(endpoint, genai_perf, served, tokenizer_dir, tmp_path):
     url = f"127.0.0.1:{served.options.grpc_port}" if endpoint != "openai" else served.http_url
-    cmd = [str(genai_perf), "profile", *CASES[endpoint], "-u", url, "--tokenizer", str(tokenizer_dir),
-           "--synthetic-input-tokens-mean", "32", "--output-tokens-mean", str(OUTPUT_TOKENS),
-           "--num-prompts", "6", "--request-count", "6", "--concurrency", "2", "--streaming",
-           "--artifact-dir", str(tmp_path / "artifacts")]
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # perf_analyzer
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    [table] = glob.glob(str(tmp_path / "artifacts" / "*" / "profile_export_genai_perf.csv"))   # its table
+    artifacts = tmp_path / "artifacts"
+    run = _profile(genai_perf, endpoint, url, tokenizer_dir, artifacts)
+    if run.returncode and _empty_export(artifacts):
+        # Seen once in CI (vllm case, 2026-11-30): perf_analyzer exited 0 leaving an empty export and
+        # genai-perf failed to parse it. Not reproduced in 35 local runs, idle or loaded. One retry for
+        # that symptom only, its first output printed; any other failure, or a second one, fails.
+        print("genai-perf found an empty perf_analyzer export; retrying once. First run's output:\n"
+              + run.stdout[-4000:] + run.stderr[-2000:])
+        artifacts = tmp_path / "retry"
+        run = _profile(genai_perf, endpoint, url, tokenizer_dir, artifacts)
+    log = served.log_path.read_text()[-3000:] if served.log_path and served.log_path.exists() else "no server log"
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-3000:] + "\nserver log:\n" + log
+    [table] = glob.glob(str(artifacts / "*" / "profile_export_genai_perf.csv"))   # its table
     assert "Time To First Token" in Path(table).read_text() and "Inter Token Latency" in Path(table).read_text()
-    [export] = glob.glob(str(tmp_path / "artifacts" / "*" / "profile_export_genai_perf.json"))
+    [export] = glob.glob(str(artifacts / "*" / "profile_export_genai_perf.json"))
     stats = json.loads(Path(export).read_text())
     assert stats["request_count"]["avg"] == 6
     assert stats["time_to_first_token"]["avg"] > 0 and stats["inter_token_latency"]["avg"] > 0
