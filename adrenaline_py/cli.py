@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from adrenaline_py.config import EngineConfig
+from adrenaline_py.config import DEFAULT_EXECUTOR_SM_SHARE, DEFAULT_PREFILL_SM_SHARE, EngineConfig
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -36,11 +36,17 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                         "rows run as two interleaved batches, the local rows and the offloaded ones, so the "
                         "executor's attention hides behind decode's whole layer of the local rows (0: never)")
     g.add_argument("--prefill-sm-share", type=int, default=d.prefill_sm_share,
-                   help="MPS %% of SMs for prefill; default: the smallest profiled share meeting --ttft-slo, else 70")
+                   help="MPS %% of SMs for prefill; default: with a profile, the smallest profiled share meeting "
+                        f"--ttft-slo and --prompt-tokens-per-s, else {DEFAULT_PREFILL_SM_SHARE}")
     g.add_argument("--executor-sm-share", type=int, default=d.executor_sm_share,
-                   help="MPS %% of SMs for the attention executor; default: 100 - the prefill share, else 30")
+                   help="MPS %% of SMs for the attention executor; default: 100 - the prefill share, "
+                        f"else {DEFAULT_EXECUTOR_SM_SHARE}")
     g.add_argument("--ttft-slo", type=float, default=d.ttft_slo_ms,
                    help="time-to-first-token SLO in ms: with a profile, picks the prefill SM share")
+    g.add_argument("--prompt-tokens-per-s", type=float, default=d.prompt_tokens_per_s,
+                   help="prompt tokens per second the deployment is planned for (request rate x mean prompt "
+                        "length; `bench serve` prints it as input_throughput): with a profile, prefill gets at "
+                        "least the share at which it is busy at most half the time")
     g.add_argument("--tpot-slo", type=float, default=d.tpot_slo_ms,
                    help="time-per-output-token SLO in ms: with a profile, the compute bound OB_comp of auto")
     g = p.add_argument_group("capacity")
@@ -83,6 +89,7 @@ def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
         two_batch_min_rows=a.two_batch_min_rows,
         prefill_sm_share=a.prefill_sm_share,
         executor_sm_share=a.executor_sm_share, ttft_slo_ms=a.ttft_slo, tpot_slo_ms=a.tpot_slo,
+        prompt_tokens_per_s=a.prompt_tokens_per_s,
         gpu_memory_utilization=a.gpu_memory_utilization, max_model_len=a.max_model_len,
         max_tokens_limit=a.max_tokens_limit, default_max_tokens=a.default_max_tokens,
         block_size=a.block_size, num_decode_blocks=a.num_decode_blocks,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -186,6 +187,7 @@ class EngineConfig:
     prefill_sm_share: int | None = None  # MPS percentages on the prefill GPU
     executor_sm_share: int | None = None
     ttft_slo_ms: float | None = None     # time-to-first-token SLO: picks the prefill SM share
+    prompt_tokens_per_s: float | None = None  # planned prompt load: prefill's SM share keeps up with it
     tpot_slo_ms: float | None = None     # time-per-output-token SLO: the compute bound OB_comp
     run_dir: str = "/tmp/adrenaline"   # shared-memory names, sockets and logs of one server run
     internal_token: str = ""           # secret the internal models (scheduler, prefill) require; set per run
@@ -236,6 +238,8 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be > 0 ms, got {value}")
+        if self.prompt_tokens_per_s is not None and not 0 < self.prompt_tokens_per_s < math.inf:
+            raise ValueError(f"prompt_tokens_per_s must be > 0 and finite, got {self.prompt_tokens_per_s}")
 
     @property
     def max_blocks_per_seq(self) -> int:

@@ -46,6 +46,12 @@ The rules the paper gives, with the exact definitions used here:
   longest pass prefill runs, ``min(max_prefill_tokens, max_model_len)`` tokens, so that every
   single prompt meets the SLO when it is prefilled alone (queueing and batching are not modelled),
   and gives the executor 100 − it, at least MIN_EXECUTOR_SHARE.
+- prefill load (not in the paper): the rule above looks at one prompt alone and picked a share
+  that prefill could not keep up with under load (docs/performance.md, ninth run). Given the
+  prompt tokens per second the deployment is planned for (``--prompt-tokens-per-s``),
+  `smallest_prefill_share_for_load` is the smallest profiled share at which prefill is busy at
+  most PREFILL_MAX_LOAD of the time, its cost per token read from the longest pass; the share
+  in force is the larger of the two rules.
 - `offload_bound`: OB = min(OB_mem, OB_comp).
   OB_mem = min(HBM_p / HBM_d, BW_p / BW_d): HBM_p, HBM_d are the KV capacities of the executor's
   and decode's pools (blocks; both pools have the same block size and dtype), BW_p the attention
@@ -89,6 +95,12 @@ PROFILE_DIR_ENV = "ADRENALINE_PROFILE_DIR"
 PACKAGE_PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
 #: the executor keeps at least this SM share when the TTFT SLO picks the prefill share
 MIN_EXECUTOR_SHARE = 10
+#: the largest fraction of time prefill may be busy at the planned prompt load. Below 1 for the
+#: queue (at 0.5 an M/D/1 queue waits half a service time on average) and for what the profile
+#: does not see: it times prefill alone, where served it shares the GPU with the executor. Measured
+#: (llama-2-7b, ShareGPT lengths at 60 req/s, two H200s): 0.84 by the profile at a 10 % share
+#: overloaded prefill (TTFT p50 10.8 s and growing), 0.39 at 20 % held it (TTFT p99 1.25 s).
+PREFILL_MAX_LOAD = 0.5
 
 
 class ProfileError(ValueError):
@@ -372,6 +384,19 @@ class Profile:
                 return share
         return None
 
+    def prefill_load(self, share: int, prompt_tokens_per_s: float, pass_tokens: int) -> float:
+        """Fraction of time prefill is busy at ``share`` % with ``prompt_tokens_per_s`` prompt tokens
+        arriving, each token costing what it costs in a ``pass_tokens``-token pass."""
+        return prompt_tokens_per_s * self.prefill_ms(share, pass_tokens) / pass_tokens / 1000.0
+
+    def smallest_prefill_share_for_load(self, prompt_tokens_per_s: float, pass_tokens: int,
+                                        max_load: float = PREFILL_MAX_LOAD) -> int | None:
+        """The smallest profiled share at which prefill is busy at most ``max_load`` of the time."""
+        for share in self.prefill_shares():
+            if self.prefill_load(share, prompt_tokens_per_s, pass_tokens) <= max_load:
+                return share
+        return None
+
     def largest_batches(self, tpot_slo_ms: float, context: float) -> tuple[_Found, _Found]:
         """(B_TPOT, capped), (B_max, capped): the largest whole batches whose all-local step at
         ``context`` / whose dense part meets the TPOT SLO, within the profiled batches; capped: the
@@ -503,9 +528,11 @@ def resolve_sm_shares(engine: EngineConfig, profile: Profile | None) -> tuple[in
     """(prefill share, executor share, why): the MPS percentages of prefill and the executor.
 
     Given both: as given. Given one: the other gets the rest of 100. Neither: with a profile and a
-    TTFT SLO, prefill gets the smallest profiled share that meets the SLO for a prompt of
-    `prefill_pass_tokens` tokens (at most 100 − MIN_EXECUTOR_SHARE) and the executor the rest;
-    otherwise the defaults (40/60, config.DEFAULT_*_SM_SHARE).
+    TTFT SLO and/or a planned prompt load (``prompt_tokens_per_s``), prefill gets the larger of the
+    smallest profiled share that meets the SLO for a prompt of `prefill_pass_tokens` tokens and the
+    smallest that keeps prefill busy at most PREFILL_MAX_LOAD of the time at that load (at most
+    100 − MIN_EXECUTOR_SHARE), and the executor the rest; otherwise the defaults (40/60,
+    config.DEFAULT_*_SM_SHARE).
     """
     p, x = engine.prefill_sm_share, engine.executor_sm_share
     if p is not None and x is not None:
@@ -519,23 +546,35 @@ def resolve_sm_shares(engine: EngineConfig, profile: Profile | None) -> tuple[in
         p, x = (p, 100 - p) if p is not None else (100 - x, x)
         return p, x, f"SM shares: prefill {p}%, executor {x}% (one given, the other the rest of 100)"
     default = DEFAULT_PREFILL_SM_SHARE, DEFAULT_EXECUTOR_SM_SHARE
-    if engine.ttft_slo_ms is None:
-        return (*default, f"SM shares: prefill {default[0]}%, executor {default[1]}% (defaults: no --ttft-slo)")
+    slo, load = engine.ttft_slo_ms, engine.prompt_tokens_per_s
+    if slo is None and load is None:
+        return (*default, f"SM shares: prefill {default[0]}%, executor {default[1]}% (defaults: no --ttft-slo "
+                          "and no --prompt-tokens-per-s)")
     if profile is None or not profile.prefill:
         return (*default, f"SM shares: prefill {default[0]}%, executor {default[1]}% (defaults: no profile with "
                           "prefill figures for this GPU and model)")
     tokens = prefill_pass_tokens(engine)
-    share = profile.smallest_prefill_share(engine.ttft_slo_ms, tokens)
     cap = 100 - MIN_EXECUTOR_SHARE
-    if share is None or share > cap:
-        what = "no profiled share meets it" if share is None else f"only {share}% meets it"
-        return cap, 100 - cap, (f"SM shares: prefill {cap}%, executor {100 - cap}%: TTFT SLO {engine.ttft_slo_ms:g} ms "
-                                f"for a {tokens}-token prompt: {what}; prefill gets all but the executor's minimum "
-                                f"(profile {profile.source})")
-    ms = profile.prefill_ms(share, tokens)
-    return share, 100 - share, (f"SM shares: prefill {share}% (the smallest profiled share whose {tokens}-token "
-                                f"prefill, {ms:.1f} ms, meets the TTFT SLO {engine.ttft_slo_ms:g} ms), executor "
-                                f"{100 - share}% (profile {profile.source})")
+    reasons, shares = [], []
+    if slo is not None:
+        share = profile.smallest_prefill_share(slo, tokens)
+        shares.append(cap if share is None else share)
+        reasons.append(f"TTFT SLO {slo:g} ms for a {tokens}-token prefill: "
+                       + ("no profiled share meets it: all but the executor's minimum" if share is None else
+                          f"{share}% ({profile.prefill_ms(share, tokens):.1f} ms)"))
+    if load is not None:
+        share = profile.smallest_prefill_share_for_load(load, tokens)
+        shares.append(cap if share is None else share)
+        reasons.append(f"{load:g} prompt tokens/s: " + (
+            f"no profiled share keeps prefill busy at most {PREFILL_MAX_LOAD:g} of the time: all but the executor's "
+            "minimum" if share is None else
+            f"{share}% keeps prefill busy {profile.prefill_load(share, load, tokens):.2f} of the time "
+            f"(at most {PREFILL_MAX_LOAD:g})"))
+    share = min(max(shares), cap)
+    capped = " (capped: the executor keeps its minimum)" if max(shares) > cap else ""
+    asks = reasons[0] if len(reasons) == 1 else "the larger of what each asks: " + "; ".join(reasons)
+    return share, 100 - share, (f"SM shares: prefill {share}%{capped}, executor {100 - share}% (smallest profiled "
+                                f"shares: {asks}; profile {profile.source})")
 
 
 def resolve_offload_bound(engine: EngineConfig, profile: Profile | None, executor_share: float) -> tuple[float, str]:
@@ -613,7 +652,8 @@ def resolve_engine(engine: EngineConfig, model: ModelConfig | None = None, gpus:
 
 def _needs_profile(engine: EngineConfig) -> bool:
     shares_open = engine.prefill_sm_share is None and engine.executor_sm_share is None
-    return engine.offload_bound is None or (shares_open and engine.ttft_slo_ms is not None)
+    return engine.offload_bound is None or (
+        shares_open and (engine.ttft_slo_ms is not None or engine.prompt_tokens_per_s is not None))
 
 
 def needs_gpus(engine: EngineConfig) -> bool:

@@ -17,6 +17,7 @@ from adrenaline_py.profile import (
     ProfileError,
     find,
     gpu_slug,
+    needs_gpus,
     ob_mem,
     offload_bound_in_force,
     resolve_engine,
@@ -261,6 +262,65 @@ def test_shares_given_or_defaulted(prof):
     assert resolve_sm_shares(engine(ttft_slo_ms=100.0), None)[:2] == (40, 60)  # no profile
     with pytest.raises(ValueError):
         resolve_sm_shares(engine(prefill_sm_share=100), prof)
+
+
+# The synthetic profile's 2048-token pass costs 240 / 120 / 80 ms at 30 / 60 / 100 %: 117 / 59 / 39 µs a token
+@pytest.mark.parametrize("load, shares", [
+    (4000.0, (30, 70)),    # busy 0.47 of the time at 30 %
+    (5000.0, (60, 40)),    # 0.59 at 30 % is too busy, 0.29 at 60 %
+    (15000.0, (90, 10)),   # 0.59 even at 100 %: prefill gets all but the executor's 10 %
+])
+def test_shares_from_the_planned_prompt_load(prof, load, shares):
+    p, x, why = resolve_sm_shares(engine(prompt_tokens_per_s=load), prof)
+    assert (p, x) == shares
+    assert f"{load:g} prompt tokens/s" in why and "profile synthetic" in why
+
+
+def test_prefill_load_is_tokens_per_second_times_cost_per_token(prof):
+    assert prof.prefill_load(30, 4000.0, 2048) == pytest.approx(4000 * 240 / 2048 / 1000)
+    assert prof.smallest_prefill_share_for_load(4000.0, 2048, max_load=0.4) == 60
+    assert prof.smallest_prefill_share_for_load(15000.0, 2048) is None
+
+
+@pytest.mark.parametrize("ttft, load, share", [
+    (250.0, 5000.0, 60),   # the SLO alone: 30 %; the load needs 60 %
+    (150.0, 4000.0, 60),   # the load alone: 30 %; the SLO needs 60 %
+    (250.0, 4000.0, 30),
+])
+def test_shares_take_the_larger_of_the_slo_and_the_load(prof, ttft, load, share):
+    p, x, why = resolve_sm_shares(engine(ttft_slo_ms=ttft, prompt_tokens_per_s=load), prof)
+    assert (p, x) == (share, 100 - share)
+    assert "TTFT SLO" in why and "prompt tokens/s" in why
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("inf"), float("nan")])
+def test_prompt_load_must_be_positive_and_finite(bad):
+    with pytest.raises(ValueError, match="prompt_tokens_per_s"):
+        engine(prompt_tokens_per_s=bad)
+
+
+def test_cuda_engine_reads_the_profile_for_the_prompt_load_alone(tmp_path):
+    (tmp_path / "nvidia-test-gpu").mkdir()
+    (tmp_path / "nvidia-test-gpu" / "llama-2-7b.json").write_text(json.dumps(SYNTHETIC))
+    gpus = {i: GpuInfo(i, "NVIDIA Test GPU", 100 * GIB, 100 * GIB) for i in (0, 1)}
+    # pools and OB given: only the load leaves something for the profile to decide
+    e = engine(device="cuda", prefill_gpu=0, decode_gpu=1, num_decode_blocks=1000, num_executor_blocks=500,
+               offload_bound=0.5, prompt_tokens_per_s=5000.0)
+    assert needs_gpus(e)
+    e = resolve_engine(e, NAMED_SHAPES["llama-2-7b"], gpus, dirs=[tmp_path])
+    assert (e.prefill_sm_share, e.executor_sm_share) == (60, 40)
+    assert not needs_gpus(replace(e, extra={}, prompt_tokens_per_s=None))
+
+
+def test_cli_passes_the_prompt_load():
+    import argparse
+
+    from adrenaline_py.cli import _engine_args, engine_config_from_args
+
+    parser = argparse.ArgumentParser()
+    _engine_args(parser)
+    assert engine_config_from_args(parser.parse_args(["--prompt-tokens-per-s", "4700"])).prompt_tokens_per_s == 4700
+    assert engine_config_from_args(parser.parse_args([])).prompt_tokens_per_s is None
 
 
 def test_offload_bound_given_from_profile_or_from_pools(prof):
