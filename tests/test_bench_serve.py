@@ -459,6 +459,12 @@ def test_sweep_over_http_and_grpc_against_a_real_server(server, tmp_path, smol_t
                    for p in ("decode", "executor"))
         assert read == 6 * sum(range(17, 24))
         assert m["kv_read_gbs"]["decode"] > 0 and m["kv_read_gbs"]["executor"] > 0  # ratio:0.5 uses both
+        pre = m["prefill"]   # 6 prompts of 16 tokens, in one or more passes; Triton queued each before its pass
+        assert m["counters"]["adrenaline_prefill_prompts_total"] == 6
+        assert m["counters"]["adrenaline_prefill_tokens_total"] == 96
+        assert 1 <= m["counters"]["adrenaline_prefill_passes_total"] <= 6
+        assert 0 < pre["busy"] < 1 and pre["ms_per_pass"] > 0 and pre["queue_ms"] >= 0
+        assert pre["tokens_per_pass"] == pytest.approx(16 * pre["prompts_per_pass"])
     sends = [r["send_s"] for r in by_rate[4.0]["requests"]]
     assert sends == sorted(sends) and sends[-1] > 0.2      # Poisson arrivals at 4 req/s are spread out
     assert max(r["send_s"] for r in by_rate["inf"]["requests"]) < 0.5  # all at once
@@ -513,6 +519,20 @@ def test_kv_read_bandwidth_is_tokens_times_bytes_per_token_over_the_span():
     gauges = {"adrenaline_kv_bytes_per_token": {"mean": 524288.0, "max": 524288.0, "last": 524288.0}}
     assert bs.kv_read_bandwidth(counters, gauges, 2.0) == pytest.approx({"decode": 524.288, "executor": 262.144})
     assert bs.kv_read_bandwidth(counters, {}, 2.0) == {}  # an older server: no per-token size
+
+
+def test_prefill_breakdown_is_busy_time_over_the_span_and_triton_queue_time_per_prompt():
+    counters = {"adrenaline_prefill_passes_total": 10.0, "adrenaline_prefill_prompts_total": 40.0,
+                "adrenaline_prefill_tokens_total": 4000.0, "adrenaline_prefill_busy_seconds_total": 0.5,
+                'nv_inference_queue_duration_us{model="prefill",version="1"}': 80000.0,
+                'nv_inference_request_success{model="prefill",version="1"}': 40.0,
+                'nv_inference_queue_duration_us{model="ensemble",version="1"}': 1e9,   # another model's queue
+                'nv_inference_request_success{model="ensemble",version="1"}': 1.0}
+    b = bs.prefill_breakdown(counters, 2.0)
+    assert b == pytest.approx({"busy": 0.25, "prompt_tokens_per_s": 2000.0, "prompts_per_pass": 4.0,
+                               "tokens_per_pass": 400.0, "ms_per_pass": 50.0, "queue_ms": 2.0})
+    assert bs.prefill_breakdown({}, 2.0) == {}                     # an older server, or no prompt in the span
+    assert "queue_ms" not in bs.prefill_breakdown({"adrenaline_prefill_passes_total": 1.0}, 2.0)
 
 
 def test_decode_loop_breakdown_is_milliseconds_per_step_and_per_response():

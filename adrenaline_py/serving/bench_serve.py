@@ -559,6 +559,7 @@ def summarize_server_metrics(snapshots: list[tuple[float, dict[tuple[str, Labels
             }
     out["decode_loop"] = decode_loop_breakdown(out["counters"])
     out["kv_read_gbs"] = kv_read_bandwidth(out["counters"], out["gauges"], snapshots[-1][0] - snapshots[0][0])
+    out["prefill"] = prefill_breakdown(out["counters"], snapshots[-1][0] - snapshots[0][0])
     pools = sorted({dict(lb).get("pool") for n, lb in keys if n == "adrenaline_kv_blocks_used"} - {None})
     for pool in pools:
         fractions = []
@@ -580,6 +581,26 @@ def kv_read_bandwidth(counters: dict[str, float], gauges: dict[str, dict], span_
         m = re.fullmatch(r'adrenaline_attention_kv_tokens_read_total\{pool="(\w+)"\}', name)
         if m and per_token and span_s > 0:
             out[m.group(1)] = tokens * per_token / span_s / 1e9
+    return out
+
+
+def prefill_breakdown(counters: dict[str, float], span_s: float) -> dict[str, float]:
+    """How busy prefill was over the sampled span (its worker's time on passes / the span), the prompt
+    load it saw, its passes, and the mean time a prompt waited in tritonserver's queue of the
+    `prefill` model (Triton's own counters) before its pass."""
+    passes = counters.get("adrenaline_prefill_passes_total", 0)
+    if passes <= 0 or span_s <= 0:
+        return {}
+    busy_s = counters.get("adrenaline_prefill_busy_seconds_total", 0)
+    tokens = counters.get("adrenaline_prefill_tokens_total", 0)
+    out = {"busy": busy_s / span_s, "prompt_tokens_per_s": tokens / span_s,
+           "prompts_per_pass": counters.get("adrenaline_prefill_prompts_total", 0) / passes,
+           "tokens_per_pass": tokens / passes, "ms_per_pass": 1e3 * busy_s / passes}
+    queued = {name: value for name, value in counters.items() if 'model="prefill"' in name}
+    queue_us = sum(v for n, v in queued.items() if n.startswith("nv_inference_queue_duration_us{"))
+    done = sum(v for n, v in queued.items() if n.startswith("nv_inference_request_success{"))
+    if done > 0:
+        out["queue_ms"] = queue_us / 1e3 / done
     return out
 
 
@@ -619,7 +640,10 @@ def decode_loop_breakdown(counters: dict[str, float]) -> dict[str, Any]:
 class MetricsSampler:
     """Scrapes the metrics endpoint every `interval_s` while a run goes on; a dead endpoint only warns."""
 
-    def __init__(self, url: str | None, interval_s: float = 0.5, prefix: str = "adrenaline_") -> None:
+    #: the project's metrics, and tritonserver's per-model queue time and request counts (prefill's queue)
+    PREFIXES = ("adrenaline_", "nv_inference_queue_duration_us", "nv_inference_request_success")
+
+    def __init__(self, url: str | None, interval_s: float = 0.5, prefix: tuple[str, ...] = PREFIXES) -> None:
         self.url, self.interval_s, self.prefix = url, interval_s, prefix
         self.snapshots: list[tuple[float, dict[tuple[str, Labels], float]]] = []
         self.types: dict[str, str] = {}
@@ -924,6 +948,12 @@ def format_summary(result: dict[str, Any]) -> str:
         if "responses" in loop:
             lines.append(f"  responses: {loop['responses']:g} for {loop['events']:g} token events, "
                          f"send {loop['send_ms']:.3f} ms, lag {loop['lag_ms']:.1f} ms (means)")
+        pre = m.get("prefill") or {}
+        if pre:
+            lines.append(f"  prefill: busy {pre['busy']:.0%} of the run at {pre['prompt_tokens_per_s']:.0f} prompt "
+                         f"tok/s; {pre['prompts_per_pass']:.1f} prompts, {pre['tokens_per_pass']:.0f} tokens, "
+                         f"{pre['ms_per_pass']:.1f} ms per pass"
+                         + (f"; queued {pre['queue_ms']:.1f} ms per prompt" if "queue_ms" in pre else ""))
         for name, g in m["gauges"].items():
             if name.startswith(("adrenaline_decode_requests", "adrenaline_requests_offloaded",
                                 "adrenaline_admission_waiting")):

@@ -68,3 +68,33 @@ class WorkerMetrics:
         if n > self._seen:
             self.restarts.increment(n - self._seen)
             self._seen = n
+
+
+class PrefillMetrics:
+    """What prefill did: passes, prompts, prompt tokens and the worker's busy time (a pass's time in
+    the worker process), so `bench serve` reports how busy prefill was and at what prompt load
+    (the load rule of the SM shares, adrenaline_py/profile.py). Execute records; the sampler pushes."""
+
+    def __init__(self) -> None:
+        names = {"passes": ("adrenaline_prefill_passes_total", "batched prefill passes run"),
+                 "prompts": ("adrenaline_prefill_prompts_total", "prompts prefilled"),
+                 "tokens": ("adrenaline_prefill_tokens_total", "prompt tokens prefilled"),
+                 "busy_s": ("adrenaline_prefill_busy_seconds_total",
+                            "seconds the prefill worker spent on passes (busy fraction: its rate)")}
+        self._counters = {k: family(name, text, "COUNTER").Metric() for k, (name, text) in names.items()}
+        self._lock = threading.Lock()
+        self._pending = dict.fromkeys(names, 0.0)
+
+    def record(self, prompts: int, tokens: int, seconds: float) -> None:
+        with self._lock:
+            self._pending["passes"] += 1
+            self._pending["prompts"] += prompts
+            self._pending["tokens"] += tokens
+            self._pending["busy_s"] += seconds
+
+    def update(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, dict.fromkeys(self._pending, 0.0)
+        for key, value in pending.items():
+            if value:
+                self._counters[key].increment(value)

@@ -35,7 +35,7 @@ from common import (
     tensor,
     text_of,
 )
-from metrics import Sampler, WorkerMetrics
+from metrics import PrefillMetrics, Sampler, WorkerMetrics
 from supervisor import WorkerGone, WorkerSupervisor
 
 from adrenaline_py.engine.executor import parse_pool_label
@@ -56,7 +56,13 @@ class Role:
         setup_process("prefill", e)
         self.worker = WorkerSupervisor("prefill", engine_config_path(config), stall_timeout_s=e.heartbeat_timeout_s)
         self.worker.start()
-        self._sampler = Sampler(WorkerMetrics("prefill", self.worker).update)
+        worker_metrics, self.metrics = WorkerMetrics("prefill", self.worker), PrefillMetrics()
+
+        def update_metrics() -> None:
+            worker_metrics.update()
+            self.metrics.update()
+
+        self._sampler = Sampler(update_metrics)
 
     def execute(self, requests):
         responses = [None] * len(requests)
@@ -103,6 +109,7 @@ class Role:
                 hop_s = time.perf_counter() - started - worker_s  # what the worker process costs per batch
                 log.debug("prefill of %d prompts: %.2f ms in the worker, %.3f ms hop", len(items), worker_s * 1e3,
                           hop_s * 1e3)
+                self.metrics.record(len(items), sum(len(item[0]) for item in items), worker_s)
                 return kind, results
             except WorkerGone as e:
                 if attempt == 2:
