@@ -465,6 +465,9 @@ def test_sweep_over_http_and_grpc_against_a_real_server(server, tmp_path, smol_t
         assert 1 <= m["counters"]["adrenaline_prefill_passes_total"] <= 6
         assert 0 < pre["busy"] < 1 and pre["ms_per_pass"] > 0 and pre["queue_ms"] >= 0
         assert pre["tokens_per_pass"] == pytest.approx(16 * pre["prompts_per_pass"])
+        before = m["before_decode"]   # every request went through admission and a prefill call
+        assert m["counters"]["adrenaline_scheduler_prefilled_total"] == 6
+        assert before["admission_ms"] >= 0 and before["prefill_call_ms"] >= pre["ms_per_pass"] / 6
     sends = [r["send_s"] for r in by_rate[4.0]["requests"]]
     assert sends == sorted(sends) and sends[-1] > 0.2      # Poisson arrivals at 4 req/s are spread out
     assert max(r["send_s"] for r in by_rate["inf"]["requests"]) < 0.5  # all at once
@@ -533,6 +536,13 @@ def test_prefill_breakdown_is_busy_time_over_the_span_and_triton_queue_time_per_
                                "tokens_per_pass": 400.0, "ms_per_pass": 50.0, "queue_ms": 2.0})
     assert bs.prefill_breakdown({}, 2.0) == {}                     # an older server, or no prompt in the span
     assert "queue_ms" not in bs.prefill_breakdown({"adrenaline_prefill_passes_total": 1.0}, 2.0)
+
+
+def test_before_decode_is_the_scheduler_time_per_request():
+    counters = {"adrenaline_scheduler_prefilled_total": 4.0, "adrenaline_admission_wait_seconds_total": 0.2,
+                "adrenaline_scheduler_prefill_seconds_total": 0.6}
+    assert bs.before_decode(counters) == pytest.approx({"admission_ms": 50.0, "prefill_call_ms": 150.0})
+    assert bs.before_decode({}) == {}
 
 
 def test_decode_loop_breakdown_is_milliseconds_per_step_and_per_response():

@@ -560,6 +560,7 @@ def summarize_server_metrics(snapshots: list[tuple[float, dict[tuple[str, Labels
     out["decode_loop"] = decode_loop_breakdown(out["counters"])
     out["kv_read_gbs"] = kv_read_bandwidth(out["counters"], out["gauges"], snapshots[-1][0] - snapshots[0][0])
     out["prefill"] = prefill_breakdown(out["counters"], snapshots[-1][0] - snapshots[0][0])
+    out["before_decode"] = before_decode(out["counters"])
     pools = sorted({dict(lb).get("pool") for n, lb in keys if n == "adrenaline_kv_blocks_used"} - {None})
     for pool in pools:
         fractions = []
@@ -602,6 +603,17 @@ def prefill_breakdown(counters: dict[str, float], span_s: float) -> dict[str, fl
     if done > 0:
         out["queue_ms"] = queue_us / 1e3 / done
     return out
+
+
+def before_decode(counters: dict[str, float]) -> dict[str, float]:
+    """Mean milliseconds per request that the scheduler spent before handing a request to decode:
+    waiting for admission (KV room, the TPOT gate) and in its call to prefill (prefill's queue, its
+    pass and the BLS hops) — with the output threads' lag, where the time to first token goes."""
+    n = counters.get("adrenaline_scheduler_prefilled_total", 0)
+    if n <= 0:
+        return {}
+    return {"admission_ms": 1e3 * counters.get("adrenaline_admission_wait_seconds_total", 0) / n,
+            "prefill_call_ms": 1e3 * counters.get("adrenaline_scheduler_prefill_seconds_total", 0) / n}
 
 
 # the decode loop's phases (adrenaline_py/engine/decode.py StepTimes): host wall time, then GPU time
@@ -954,6 +966,10 @@ def format_summary(result: dict[str, Any]) -> str:
                          f"tok/s; {pre['prompts_per_pass']:.1f} prompts, {pre['tokens_per_pass']:.0f} tokens, "
                          f"{pre['ms_per_pass']:.1f} ms per pass"
                          + (f"; queued {pre['queue_ms']:.1f} ms per prompt" if "queue_ms" in pre else ""))
+        before = m.get("before_decode") or {}
+        if before:
+            lines.append(f"  before decode (ms per request, means): admission {before['admission_ms']:.1f}, "
+                         f"prefill call {before['prefill_call_ms']:.1f}")
         for name, g in m["gauges"].items():
             if name.startswith(("adrenaline_decode_requests", "adrenaline_requests_offloaded",
                                 "adrenaline_admission_waiting")):

@@ -135,12 +135,15 @@ class Role:
             params_json = text_of(x["generation_params"])
             params = GenerationParams.from_json(params_json)
             for attempt in range(1, ADMISSION_ATTEMPTS + 1):
+                started = time.perf_counter()
                 ticket = self.admission.admit(len(input_ids), params.sampling.max_tokens,
                                               lambda: self._give_up(request))
+                admitted = time.perf_counter()
                 self.metrics.admitted[ticket.pool] += 1
                 label = pool_label(ticket.pool, getattr(ticket.allocator, "generation", 0))
                 try:
                     first = self._prefill(input_ids, ticket, label, params_json)
+                    self.metrics.add_times(admitted - started, time.perf_counter() - admitted)
                     break
                 except StalePool as e:
                     self.admission.release(ticket)  # into the dead generation's pool: harmless
@@ -233,8 +236,32 @@ class SchedulerMetrics:
         self._held_seen = 0
         self._metrics: dict[tuple[str, str], object] = {}
         self._seen: Counter[tuple[str, str]] = Counter()
+        # Where a request's time to first token goes before decode: summed here, pushed by update()
+        self._times = {
+            "admission": family("adrenaline_admission_wait_seconds_total",
+                                "seconds requests waited for admission (KV room, the TPOT gate), summed over the "
+                                "requests that reached prefill", "COUNTER").Metric(),
+            "prefill": family("adrenaline_scheduler_prefill_seconds_total",
+                              "seconds of the scheduler's prefill calls (prefill's queue, its pass, the BLS hops), "
+                              "summed over requests", "COUNTER").Metric(),
+            "requests": family("adrenaline_scheduler_prefilled_total",
+                               "requests the scheduler had prefilled (the count of both sums)", "COUNTER").Metric(),
+        }
+        self._pending_times = dict.fromkeys(self._times, 0.0)
+        self._times_lock = threading.Lock()
+
+    def add_times(self, admission_s: float, prefill_s: float) -> None:
+        with self._times_lock:
+            self._pending_times["admission"] += admission_s
+            self._pending_times["prefill"] += prefill_s
+            self._pending_times["requests"] += 1
 
     def update(self) -> None:
+        with self._times_lock:
+            pending, self._pending_times = self._pending_times, dict.fromkeys(self._pending_times, 0.0)
+        for key, value in pending.items():
+            if value:
+                self._times[key].increment(value)
         self.waiting.set(self.admission.num_waiting)
         held = self.admission.num_held_for_tpot
         if held > self._held_seen:
