@@ -12,9 +12,13 @@ Printed per (T, K), medians over --repeats runs: sends per second (the model's w
 first send to the last), the mean time one ``send`` call takes in its thread, and the throughput
 next to one thread's (the baseline). Clients read the streams over HTTP ``generate_stream``
 (aiohttp), so the client's CPU counts too; on a small host it is part of what saturates.
+``--loop HOST_MS WAIT_MS`` adds what decode's process has beside its senders: a thread that runs
+Python for HOST_MS (holding the GIL), then waits WAIT_MS with the GIL released (the GPU's part of a
+step), senders passing a gate open only during the wait (decode's HostGate; ``--no-gate``: off).
 
     .venv/bin/python tools/bench_sends.py                          # T = 1 2 4 8 16, K = 2
     .venv/bin/python tools/bench_sends.py --threads 4 --tensors 1 2 4
+    .venv/bin/python tools/bench_sends.py --threads 1 4 --loop 5 20    # beside a decode-like loop
 """
 
 from __future__ import annotations
@@ -40,7 +44,10 @@ model_transaction_policy { decoupled: true }
 input [ { name: "requests" data_type: TYPE_INT32 dims: [ 1 ] },
         { name: "responses" data_type: TYPE_INT32 dims: [ 1 ] },
         { name: "threads" data_type: TYPE_INT32 dims: [ 1 ] },
-        { name: "tensors" data_type: TYPE_INT32 dims: [ 1 ] } ]
+        { name: "tensors" data_type: TYPE_INT32 dims: [ 1 ] },
+        { name: "loop_host_us" data_type: TYPE_INT32 dims: [ 1 ] },
+        { name: "loop_wait_us" data_type: TYPE_INT32 dims: [ 1 ] },
+        { name: "gate" data_type: TYPE_INT32 dims: [ 1 ] } ]
 output [ { name: "text_output" data_type: TYPE_STRING dims: [ -1 ] },
          { name: "finish_reason" data_type: TYPE_STRING dims: [ -1 ] },
          { name: "num_output_tokens" data_type: TYPE_INT32 dims: [ -1 ] },
@@ -71,23 +78,37 @@ class TritonPythonModel:
 
     def execute(self, requests):
         for r in requests:
-            names = ("requests", "responses", "threads", "tensors")
-            n_req, n_resp, n_threads, n_tensors = (scalar(r, k) for k in names)
+            names = ("requests", "responses", "threads", "tensors", "loop_host_us", "loop_wait_us", "gate")
+            n_req, n_resp, n_threads, n_tensors, host_us, wait_us, gate = (scalar(r, k) for k in names)
             with self.lock:
                 self.waiting.append(r.get_response_sender())
                 if len(self.waiting) < n_req:
                     continue
                 senders, self.waiting = self.waiting, []
-            threading.Thread(target=self.run, args=(senders, n_resp, n_threads, n_tensors), daemon=True).start()
+            threading.Thread(target=self.run, args=(senders, n_resp, n_threads, n_tensors, host_us, wait_us, gate),
+                             daemon=True).start()
         return None
 
-    def run(self, senders, n_resp, n_threads, n_tensors):
+    def run(self, senders, n_resp, n_threads, n_tensors, host_us, wait_us, gate):
         send_s = [0.0] * n_threads
+        done, is_open = threading.Event(), threading.Event()
+        is_open.set()
+
+        def loop():  # as the decode loop: Python holding the GIL, then a wait that releases it (the GPU's)
+            while not done.is_set():
+                if gate:
+                    is_open.clear()
+                end, x = time.perf_counter() + host_us / 1e6, 0
+                while time.perf_counter() < end:
+                    x += 1
+                is_open.set()
+                time.sleep(wait_us / 1e6)
 
         def work(t):
             mine = senders[t::n_threads]
             for i in range(n_resp):
                 for sender in mine:
+                    is_open.wait(0.05)  # as HostGate.wait
                     t0 = time.perf_counter()
                     out = [pb_utils.Tensor("text_output", np.array([b" token"], dtype=np.object_)),
                            pb_utils.Tensor("finish_reason", np.array([[b""]], dtype=np.object_)),
@@ -97,12 +118,18 @@ class TritonPythonModel:
                     send_s[t] += time.perf_counter() - t0
 
         threads = [threading.Thread(target=work, args=(t,)) for t in range(n_threads)]
+        looper = threading.Thread(target=loop, daemon=True) if host_us > 0 else None
+        if looper is not None:
+            looper.start()
         t0 = time.perf_counter()
         for th in threads:
             th.start()
         for th in threads:
             th.join()
         wall = time.perf_counter() - t0
+        done.set()
+        if looper is not None:
+            looper.join()
         for sender in senders:
             sender.send(pb_utils.InferenceResponse(output_tensors=[
                 pb_utils.Tensor("wall_s", np.array([wall], dtype=np.float64)),
@@ -111,11 +138,13 @@ class TritonPythonModel:
 '''
 
 
-async def one_run(url: str, requests: int, responses: int, threads: int, tensors: int) -> tuple[float, float]:
+async def one_run(url: str, requests: int, responses: int, threads: int, tensors: int,
+                  loop: tuple[float, float] = (0.0, 0.0), gate: bool = True) -> tuple[float, float]:
     """(sends per second, mean seconds per send call) of one run, from the model's own clock."""
     import aiohttp
 
-    body = {"requests": requests, "responses": responses, "threads": threads, "tensors": tensors}
+    body = {"requests": requests, "responses": responses, "threads": threads, "tensors": tensors,
+            "loop_host_us": int(loop[0] * 1e3), "loop_wait_us": int(loop[1] * 1e3), "gate": int(gate)}
 
     async def stream(session: aiohttp.ClientSession) -> dict:
         events, last = 0, {}
@@ -176,6 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=64, help="streams (R)")
     p.add_argument("--responses", type=int, default=200, help="responses per stream (N)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--loop", type=float, nargs=2, metavar=("HOST_MS", "WAIT_MS"), default=(0.0, 0.0),
+                   help="a thread in the model's process that, as the decode loop, runs Python (holding the GIL) "
+                        "for HOST_MS, then waits WAIT_MS (the GPU's part, GIL released)")
+    p.add_argument("--no-gate", action="store_true",
+                   help="with --loop: senders do not wait while that thread runs Python (decode's HostGate off)")
     a = p.parse_args(argv)
     import platform
     import socket
@@ -192,14 +226,17 @@ def main(argv: list[str] | None = None) -> int:
         try:
             wait_ready(url, server)
             asyncio.run(one_run(url, a.requests, 10, 1, 1))  # warm-up
-            print(f"# python-backend sends: {a.requests} streams x {a.responses} responses; "
+            loop = (f"; beside a loop of {a.loop[0]:g} ms Python / {a.loop[1]:g} ms waiting, gate "
+                    f"{'off' if a.no_gate else 'on'}" if a.loop[0] > 0 else "")
+            print(f"# python-backend sends: {a.requests} streams x {a.responses} responses{loop}; "
                   f"{platform.node()}, {len(os.sched_getaffinity(0))} CPUs; medians of {a.repeats}")
             print("| threads | tensors | sends/s | ms per send call | vs 1 thread |")
             print("|---:|---:|---:|---:|---:|")
             base: dict[int, float] = {}
             for k in a.tensors:
                 for t in a.threads:
-                    runs = [asyncio.run(one_run(url, a.requests, a.responses, t, k)) for _ in range(a.repeats)]
+                    runs = [asyncio.run(one_run(url, a.requests, a.responses, t, k, tuple(a.loop), not a.no_gate))
+                            for _ in range(a.repeats)]
                     rate = statistics.median(r[0] for r in runs)
                     per = statistics.median(r[1] for r in runs)
                     if t == 1:
