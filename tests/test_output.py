@@ -278,3 +278,42 @@ def test_a_worker_that_fell_behind_answers_new_requests_before_running_streams()
     finally:
         workers.stop()
     assert sent == [("running", "a"), ("new", "x"), ("running", "b")]
+
+
+def test_a_new_request_arriving_during_a_round_is_answered_before_the_rest_of_the_round():
+    # a round of running streams takes rows x one send; a first token that arrives meanwhile must
+    # not wait for the whole round (its time to first token), and each stream keeps its order
+    from adrenaline_py.engine.output import OutputWorkers
+
+    streams = [make_seq(stream=True) for _ in range(3)]
+    for i, seq in enumerate(streams):
+        seq.seq_id, seq.handle = i, f"r{i}"
+    new = make_seq(stream=True)
+    new.seq_id, new.handle = 10, "new"
+    sent, entered, gate = [], threading.Event(), threading.Event()
+
+    def send(handle, chunk):
+        sent.append((handle, chunk.text))
+        if handle == "r0" and chunk.text == "b":   # the round's first send blocks ...
+            entered.set()
+            gate.wait(5)
+
+    workers = OutputWorkers(TOK, send, lambda seq_id: None, num_threads=1)
+    workers.start()
+    try:
+        firsts, seconds = zip(*(events_for(seq, "ab", finish_reason=None) for seq in streams))
+        workers.submit(list(firsts))
+        deadline = time.monotonic() + 5
+        while len(sent) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        workers.submit(list(seconds))              # one round: r0, r1, r2
+        assert entered.wait(5)
+        x, y = events_for(new, "xy", finish_reason=None)
+        workers.submit([x])                        # ... while a request arrives
+        workers.submit([y])
+        gate.set()
+    finally:
+        workers.stop()
+    assert sent == [("r0", "a"), ("r1", "a"), ("r2", "a"), ("r0", "b"), ("new", "x"), ("r1", "b"), ("r2", "b"),
+                    ("new", "y")]
+    assert workers.stats().events == 8 and workers.queued() == 0

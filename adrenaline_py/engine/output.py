@@ -6,7 +6,8 @@ thread and its response sender is never used by two threads at once (that crashe
 request), and call ``send(handle, chunk)`` for each response.
 
 A worker that falls behind catches up by merging: it takes every event queued for it and sends one
-response per request for all of that request's new tokens, new requests' first tokens first. A
+response per request for all of that request's new tokens, new requests' first tokens first; a
+first token that arrives while such a round runs goes out before the rest of the round. A
 response through the Python backend costs 0.1-1 ms of a stub thread (docs/performance.md), so at a
 few hundred rows and tens of steps per second one response per token can outrun the senders;
 merging bounds the sends to what they can carry, and the decode loop never waits for a client.
@@ -215,9 +216,10 @@ class OutputWorkers:
 
     def _work(self, q: queue.SimpleQueue, stats: OutputStats) -> None:
         states: dict[int, RequestOutput] = {}
+        carried: list = []   # items taken from the queue during a round, for the next round
         stopping = False
         while not stopping:
-            items = [q.get()]
+            items, carried = carried or [q.get()], []
             while True:  # whatever else is queued joins this round (a worker that fell behind)
                 try:
                     items.append(q.get_nowait())
@@ -239,10 +241,34 @@ class OutputWorkers:
             # stream's next one is only an inter-token gap (stable: each kind keeps its order)
             batch.sort(key=lambda ev: ev.seq.seq_id in states)
             for ev in batch:
+                if not stopping and ev.seq.seq_id in states:
+                    # A round of running streams takes rows x a send (about 0.1 s at 700 rows): a
+                    # request that arrived meanwhile gets its first token out now, not after it
+                    carried += self._send_first_tokens(q, states, stats)
                 if self._gate is not None:
                     self._gate.wait()
                 self._handle(states, ev, first_seen[ev.seq.seq_id], stats)
             stats.events += len(events)  # handled: their responses are out
+
+    def _send_first_tokens(self, q: queue.SimpleQueue, states: dict[int, RequestOutput],
+                           stats: OutputStats) -> list:
+        """Send the first events of new requests queued since the round began; return every other
+        item taken, in order, for the next round (a new request's later events are among them, so
+        its order holds)."""
+        rest: list = []
+        while True:
+            try:
+                item = q.get_nowait()
+            except queue.Empty:
+                return rest
+            if rest and rest[-1] is None or not isinstance(item, tuple) or item[1].seq.seq_id in states:
+                rest.append(item)  # a stream under way, a cancel check, the stop and all after it
+                continue
+            at, ev = item
+            if self._gate is not None:
+                self._gate.wait()
+            self._handle(states, ev, at, stats)
+            stats.events += 1
 
     def _check_cancelled(self, states: dict[int, RequestOutput], check: _CancelCheck) -> None:
         for seq_id, state in list(states.items()):
