@@ -261,7 +261,7 @@ class OutputWorkers:
                 item = q.get_nowait()
             except queue.Empty:
                 return rest
-            if rest and rest[-1] is None or not isinstance(item, tuple) or item[1].seq.seq_id in states:
+            if (rest and rest[-1] is None) or not isinstance(item, tuple) or item[1].seq.seq_id in states:
                 rest.append(item)  # a stream under way, a cancel check, the stop and all after it
                 continue
             at, ev = item

@@ -70,27 +70,20 @@ class WorkerMetrics:
             self._seen = n
 
 
-class PrefillMetrics:
-    """What prefill did: passes, prompts, prompt tokens and the worker's busy time (a pass's time in
-    the worker process), so `bench serve` reports how busy prefill was and at what prompt load
-    (the load rule of the SM shares, adrenaline_py/profile.py). Execute records; the sampler pushes."""
+class PendingCounters:
+    """Counters summed where things happen and pushed to Triton by ``update()`` from the sampler
+    thread: each push is an IPC to tritonserver, which the request path should not pay."""
 
-    def __init__(self) -> None:
-        names = {"passes": ("adrenaline_prefill_passes_total", "batched prefill passes run"),
-                 "prompts": ("adrenaline_prefill_prompts_total", "prompts prefilled"),
-                 "tokens": ("adrenaline_prefill_tokens_total", "prompt tokens prefilled"),
-                 "busy_s": ("adrenaline_prefill_busy_seconds_total",
-                            "seconds the prefill worker spent on passes (busy fraction: its rate)")}
-        self._counters = {k: family(name, text, "COUNTER").Metric() for k, (name, text) in names.items()}
+    def __init__(self, specs: dict[str, tuple[str, str]]) -> None:
+        """``specs``: key -> (metric name, description)."""
+        self._counters = {k: family(name, text, "COUNTER").Metric() for k, (name, text) in specs.items()}
         self._lock = threading.Lock()
-        self._pending = dict.fromkeys(names, 0.0)
+        self._pending = dict.fromkeys(specs, 0.0)
 
-    def record(self, prompts: int, tokens: int, seconds: float) -> None:
+    def add(self, **values: float) -> None:
         with self._lock:
-            self._pending["passes"] += 1
-            self._pending["prompts"] += prompts
-            self._pending["tokens"] += tokens
-            self._pending["busy_s"] += seconds
+            for key, value in values.items():
+                self._pending[key] += value
 
     def update(self) -> None:
         with self._lock:
@@ -98,3 +91,14 @@ class PrefillMetrics:
         for key, value in pending.items():
             if value:
                 self._counters[key].increment(value)
+
+
+#: what prefill did, so `bench serve` reports how busy it was and at what prompt load (the load rule
+#: of the SM shares, adrenaline_py/profile.py); the busy time is a pass's time in the worker process
+PREFILL_COUNTERS = {
+    "passes": ("adrenaline_prefill_passes_total", "batched prefill passes run"),
+    "prompts": ("adrenaline_prefill_prompts_total", "prompts prefilled"),
+    "tokens": ("adrenaline_prefill_tokens_total", "prompt tokens prefilled"),
+    "busy_s": ("adrenaline_prefill_busy_seconds_total",
+               "seconds the prefill worker spent on passes (busy fraction: its rate)"),
+}

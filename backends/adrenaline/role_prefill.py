@@ -35,7 +35,7 @@ from common import (
     tensor,
     text_of,
 )
-from metrics import PrefillMetrics, Sampler, WorkerMetrics
+from metrics import PREFILL_COUNTERS, PendingCounters, Sampler, WorkerMetrics
 from supervisor import WorkerGone, WorkerSupervisor
 
 from adrenaline_py.engine.executor import parse_pool_label
@@ -56,7 +56,7 @@ class Role:
         setup_process("prefill", e)
         self.worker = WorkerSupervisor("prefill", engine_config_path(config), stall_timeout_s=e.heartbeat_timeout_s)
         self.worker.start()
-        worker_metrics, self.metrics = WorkerMetrics("prefill", self.worker), PrefillMetrics()
+        worker_metrics, self.metrics = WorkerMetrics("prefill", self.worker), PendingCounters(PREFILL_COUNTERS)
 
         def update_metrics() -> None:
             worker_metrics.update()
@@ -109,7 +109,8 @@ class Role:
                 hop_s = time.perf_counter() - started - worker_s  # what the worker process costs per batch
                 log.debug("prefill of %d prompts: %.2f ms in the worker, %.3f ms hop", len(items), worker_s * 1e3,
                           hop_s * 1e3)
-                self.metrics.record(len(items), sum(len(item[0]) for item in items), worker_s)
+                self.metrics.add(passes=1, prompts=len(items), tokens=sum(len(item[0]) for item in items),
+                                 busy_s=worker_s)
                 return kind, results
             except WorkerGone as e:
                 if attempt == 2:

@@ -37,7 +37,7 @@ from common import (
     tensor,
     text_of,
 )
-from metrics import Sampler, family
+from metrics import PendingCounters, Sampler, family
 
 from adrenaline_py.engine.admission import Admission, AdmissionTimeout, Overloaded, RequestCancelled
 from adrenaline_py.engine.executor import STALE_POOL_ERROR, executor_state, pool_label
@@ -134,8 +134,8 @@ class Role:
             input_ids = x["input_ids"].reshape(-1).astype(np.int32)
             params_json = text_of(x["generation_params"])
             params = GenerationParams.from_json(params_json)
+            started = time.perf_counter()  # admission counts any retry after a stale executor pool
             for attempt in range(1, ADMISSION_ATTEMPTS + 1):
-                started = time.perf_counter()
                 ticket = self.admission.admit(len(input_ids), params.sampling.max_tokens,
                                               lambda: self._give_up(request))
                 admitted = time.perf_counter()
@@ -143,7 +143,8 @@ class Role:
                 label = pool_label(ticket.pool, getattr(ticket.allocator, "generation", 0))
                 try:
                     first = self._prefill(input_ids, ticket, label, params_json)
-                    self.metrics.add_times(admitted - started, time.perf_counter() - admitted)
+                    self.metrics.times.add(admission=admitted - started, prefill=time.perf_counter() - admitted,
+                                           requests=1)
                     break
                 except StalePool as e:
                     self.admission.release(ticket)  # into the dead generation's pool: harmless
@@ -236,32 +237,20 @@ class SchedulerMetrics:
         self._held_seen = 0
         self._metrics: dict[tuple[str, str], object] = {}
         self._seen: Counter[tuple[str, str]] = Counter()
-        # Where a request's time to first token goes before decode: summed here, pushed by update()
-        self._times = {
-            "admission": family("adrenaline_admission_wait_seconds_total",
-                                "seconds requests waited for admission (KV room, the TPOT gate), summed over the "
-                                "requests that reached prefill", "COUNTER").Metric(),
-            "prefill": family("adrenaline_scheduler_prefill_seconds_total",
-                              "seconds of the scheduler's prefill calls (prefill's queue, its pass, the BLS hops), "
-                              "summed over requests", "COUNTER").Metric(),
-            "requests": family("adrenaline_scheduler_prefilled_total",
-                               "requests the scheduler had prefilled (the count of both sums)", "COUNTER").Metric(),
-        }
-        self._pending_times = dict.fromkeys(self._times, 0.0)
-        self._times_lock = threading.Lock()
-
-    def add_times(self, admission_s: float, prefill_s: float) -> None:
-        with self._times_lock:
-            self._pending_times["admission"] += admission_s
-            self._pending_times["prefill"] += prefill_s
-            self._pending_times["requests"] += 1
+        # Where a request's time to first token goes before decode
+        self.times = PendingCounters({
+            "admission": ("adrenaline_admission_wait_seconds_total",
+                          "seconds requests waited for admission (KV room, the TPOT gate), summed over the "
+                          "requests that reached prefill"),
+            "prefill": ("adrenaline_scheduler_prefill_seconds_total",
+                        "seconds of the scheduler's prefill calls (prefill's queue, its pass, the BLS hops), "
+                        "summed over requests"),
+            "requests": ("adrenaline_scheduler_prefilled_total",
+                         "requests the scheduler had prefilled (the count of both sums)"),
+        })
 
     def update(self) -> None:
-        with self._times_lock:
-            pending, self._pending_times = self._pending_times, dict.fromkeys(self._pending_times, 0.0)
-        for key, value in pending.items():
-            if value:
-                self._times[key].increment(value)
+        self.times.update()
         self.waiting.set(self.admission.num_waiting)
         held = self.admission.num_held_for_tpot
         if held > self._held_seen:
