@@ -177,8 +177,8 @@ def test_200_cancelled_streams_free_their_kv_blocks_in_both_pools(offload_server
     max_tokens = 500  # none may finish before all 200 are decoding
     assert _pools_empty(offload_server)
     reasons = ("cancelled", "stop", "length", "error")
-    before = {r: metrics(offload_server).get(f'adrenaline_requests_finished_total{{reason="{r}"}}', 0)
-              for r in reasons}
+    m0 = metrics(offload_server)
+    before = {r: m0.get(f'adrenaline_requests_finished_total{{reason="{r}"}}', 0) for r in reasons}
     started = time.monotonic()
     clients, errors = [], []
     for s in range(num_grpc_streams):
