@@ -317,3 +317,113 @@ def test_a_new_request_arriving_during_a_round_is_answered_before_the_rest_of_th
     assert sent == [("r0", "a"), ("r1", "a"), ("r2", "a"), ("r0", "b"), ("new", "x"), ("r1", "b"), ("r2", "b"),
                     ("new", "y")]
     assert workers.stats().events == 8 and workers.queued() == 0
+
+
+def _started_streams(n):
+    streams = [make_seq(stream=True) for _ in range(n)]
+    for i, seq in enumerate(streams):
+        seq.seq_id, seq.handle = i, f"r{i}"
+    return streams
+
+
+def _wait_for(sent, n):
+    deadline = time.monotonic() + 5
+    while len(sent) < n and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def test_a_worker_that_fell_behind_answers_ending_requests_before_running_streams():
+    # a request's last response is its end-to-end latency (and, with its first, its TPOT): it must
+    # not queue behind the merged tokens of every stream still running on its worker
+    from adrenaline_py.engine.output import OutputWorkers
+
+    streams = _started_streams(3)
+    sent, entered, gate = [], threading.Event(), threading.Event()
+
+    def send(handle, chunk):
+        sent.append((handle, chunk.text, chunk.finish_reason))
+        if len(sent) == 3:                 # the last first token blocks while decode queues more
+            entered.set()
+            gate.wait(5)
+
+    workers = OutputWorkers(TOK, send, lambda seq_id: None, num_threads=1)
+    workers.start()
+    try:
+        firsts = [events_for(seq, "a", finish_reason=None)[0] for seq in streams]
+        workers.submit(firsts)
+        assert entered.wait(5)
+        r0, r1, r2 = (events_for(seq, "b", finish_reason=None)[0] for seq in streams)
+        workers.submit([r0, r1, TokenEvent(streams[2], r2.token_ids, "length")])
+        gate.set()
+    finally:
+        workers.stop()
+    assert sent[3:] == [("r2", "b", "length"), ("r0", "b", None), ("r1", "b", None)]
+
+
+def test_a_request_ending_during_a_round_is_answered_before_the_rest_of_the_round_with_all_its_tokens():
+    # the end of a running stream that arrives while a round of running streams is being sent goes
+    # out at once, joined with that stream's tokens still waiting in the round or taken meanwhile
+    from adrenaline_py.engine.output import OutputWorkers
+
+    streams = _started_streams(3)
+    sent, entered, gate = [], threading.Event(), threading.Event()
+
+    def send(handle, chunk):
+        sent.append((handle, chunk.text, chunk.finish_reason))
+        if (handle, chunk.text) == ("r0", "b"):   # the round's first send blocks ...
+            entered.set()
+            gate.wait(5)
+
+    workers = OutputWorkers(TOK, send, lambda seq_id: None, num_threads=1)
+    workers.start()
+    try:
+        firsts, seconds = zip(*(events_for(seq, "ab", finish_reason=None) for seq in streams))
+        workers.submit(list(firsts))
+        _wait_for(sent, 3)
+        workers.submit(list(seconds))              # one round: r0, r1, r2
+        assert entered.wait(5)
+        c1, c2 = (events_for(seq, "c", finish_reason=None)[0] for seq in streams[1:])
+        workers.submit([c1])                       # ... while r1 goes on ...
+        workers.submit([TokenEvent(streams[1], TOK.encode("d"), "length")])  # ... and ends,
+        workers.submit([c2])                       # and r2 goes on
+        gate.set()
+    finally:
+        workers.stop()
+    assert sent[3:] == [("r0", "b", None), ("r1", "bcd", "length"), ("r2", "b", None), ("r2", "c", None)]
+    assert workers.stats().events == 9 and workers.queued() == 0
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_every_stream_gets_all_its_tokens_in_order_whatever_the_interleaving(seed):
+    # the reordering of a round (first tokens, ends, running streams) and the sends out of turn
+    # during a round must never drop, repeat or reorder a stream's tokens
+    import random
+
+    from adrenaline_py.engine.output import OutputWorkers
+
+    rng = random.Random(seed)
+    streams = _started_streams(12)
+    texts = {seq.handle: "".join(rng.choice("abcdef") for _ in range(rng.randint(1, 9))) for seq in streams}
+    sent: dict[str, list] = {seq.handle: [] for seq in streams}
+
+    def send(handle, chunk):
+        sent[handle].append(chunk)
+        if rng.random() < 0.3:
+            time.sleep(0.002)             # a slow send: decode queues more meanwhile
+
+    workers = OutputWorkers(TOK, send, lambda seq_id: None, num_threads=2)
+    workers.start()
+    try:
+        queues = {seq.handle: events_for(seq, texts[seq.handle]) for seq in streams}
+        while any(queues.values()):
+            step = [evs.pop(0) for evs in queues.values() if evs and rng.random() < 0.7]
+            workers.submit(step)
+            time.sleep(rng.choice([0, 0, 0.001]))
+    finally:
+        workers.stop()
+    for handle, chunks_ in sent.items():
+        assert "".join(c.text for c in chunks_) == texts[handle]
+        assert sum(c.num_output_tokens for c in chunks_) == len(texts[handle])
+        assert [c.finish_reason for c in chunks_][-1] == "length"
+        assert all(c.finish_reason is None for c in chunks_[:-1])
+    assert workers.stats().events == sum(len(t) for t in texts.values()) and workers.queued() == 0

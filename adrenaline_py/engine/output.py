@@ -6,11 +6,12 @@ thread and its response sender is never used by two threads at once (that crashe
 request), and call ``send(handle, chunk)`` for each response.
 
 A worker that falls behind catches up by merging: it takes every event queued for it and sends one
-response per request for all of that request's new tokens, new requests' first tokens first; a
-first token that arrives while such a round runs goes out before the rest of the round. A
-response through the Python backend costs 0.1-1 ms of a stub thread (docs/performance.md), so at a
-few hundred rows and tens of steps per second one response per token can outrun the senders;
-merging bounds the sends to what they can carry, and the decode loop never waits for a client.
+response per request for all of that request's new tokens: new requests' first tokens first, then
+the requests that end, then the running streams. A first token or an end that arrives while such a
+round runs goes out before the rest of the round. A response through the Python backend costs
+0.1-1 ms of a stub thread (docs/performance.md), so at a few hundred rows and tens of steps per
+second one response per token can outrun the senders; merging bounds the sends to what they can
+carry, and the decode loop never waits for a client.
 Streams then arrive in chunks of a few tokens (``num_output_tokens`` says how many), as with vLLM's
 ``stream_interval``.
 """
@@ -21,6 +22,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -237,38 +239,62 @@ class OutputWorkers:
                 events.append(ev)
                 first_seen.setdefault(ev.seq.seq_id, at)
             batch = merge_events(events) if len(events) > 1 else events
-            # New requests first: their first response is their time to first token, where a running
-            # stream's next one is only an inter-token gap (stable: each kind keeps its order)
-            batch.sort(key=lambda ev: ev.seq.seq_id in states)
-            for ev in batch:
-                if not stopping and ev.seq.seq_id in states:
+            # New requests first (their first response is their time to first token), then requests
+            # that end (their last response is their end-to-end latency and, with the first, their
+            # TPOT), then running streams, where a later response only closes an inter-token gap.
+            # The sort is stable: each kind keeps its order. vLLM's stream_interval also sends a
+            # request's first and last outputs at once.
+            batch.sort(key=lambda ev: (ev.seq.seq_id in states, ev.finish_reason is None))
+            pending = deque(batch)
+            while pending:
+                if not stopping and pending[0].seq.seq_id in states:
                     # A round of running streams takes rows x a send (about 0.1 s at 700 rows): a
-                    # request that arrived meanwhile gets its first token out now, not after it
-                    carried += self._send_first_tokens(q, states, stats)
+                    # request that arrived or ended meanwhile gets its response out now
+                    carried = self._send_urgent(q, states, stats, pending, first_seen, carried)
+                    if not pending:  # the round's last event went out with its request's end
+                        break
+                ev = pending.popleft()
                 if self._gate is not None:
                     self._gate.wait()
                 self._handle(states, ev, first_seen[ev.seq.seq_id], stats)
             stats.events += len(events)  # handled: their responses are out
 
-    def _send_first_tokens(self, q: queue.SimpleQueue, states: dict[int, RequestOutput],
-                           stats: OutputStats) -> list:
-        """Send the first events of new requests queued since the round began; return every other
-        item taken, in order, for the next round (a new request's later events are among them, so
-        its order holds)."""
-        rest: list = []
+    def _send_urgent(self, q: queue.SimpleQueue, states: dict[int, RequestOutput], stats: OutputStats,
+                     pending: deque, first_seen: dict[int, float], carried: list) -> list:
+        """Send what arrived since the round began and should not wait for the rest of it: new
+        requests' first events, and the ends of running streams (joined with that stream's events
+        still waiting in this round or taken earlier, so its order holds). Return ``carried`` with
+        every other item taken, in order, for the next round."""
         while True:
             try:
                 item = q.get_nowait()
             except queue.Empty:
-                return rest
-            if (rest and rest[-1] is None) or not isinstance(item, tuple) or item[1].seq.seq_id in states:
-                rest.append(item)  # a stream under way, a cancel check, the stop and all after it
+                return carried
+            if (carried and carried[-1] is None) or not isinstance(item, tuple):
+                carried.append(item)  # a cancel check, the stop and all after it
                 continue
             at, ev = item
+            seq_id = ev.seq.seq_id
+            if seq_id in states and ev.finish_reason is None:
+                carried.append(item)  # a stream under way: its next response can wait for the round
+                continue
+            parts, taken = [], 0
+            if seq_id in states:  # an end: gather the stream's unsent events, oldest first
+                for queued in [e for e in pending if e.seq.seq_id == seq_id]:
+                    pending.remove(queued)  # counted with its round's events
+                    parts.append(queued)
+                    at = min(at, first_seen[seq_id])
+                for earlier in [c for c in carried if isinstance(c, tuple) and c[1].seq.seq_id == seq_id]:
+                    carried.remove(earlier)
+                    parts.append(earlier[1])
+                    at = min(at, earlier[0])
+                    taken += 1
+            if parts:
+                ev = merge_events([*parts, ev])[0]
             if self._gate is not None:
                 self._gate.wait()
             self._handle(states, ev, at, stats)
-            stats.events += 1
+            stats.events += 1 + taken
 
     def _check_cancelled(self, states: dict[int, RequestOutput], check: _CancelCheck) -> None:
         for seq_id, state in list(states.items()):
