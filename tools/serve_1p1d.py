@@ -38,6 +38,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adrenaline_py.config import DEFAULT_EXECUTOR_SM_SHARE, DEFAULT_PREFILL_SM_SHARE, EngineConfig  # noqa: E402
 from adrenaline_py.engine.executor import executor_state  # noqa: E402
+from adrenaline_py.serving.bench_serve import (  # noqa: E402
+    MetricsSampler,
+    decode_loop_breakdown,
+    parse_prometheus,
+    prefill_breakdown,
+    series_name,
+)
 from adrenaline_py.serving.launcher import Server, ServerOptions  # noqa: E402
 from adrenaline_py.serving.loadgen import stream_events  # noqa: E402
 
@@ -62,6 +69,25 @@ def stream(url: str, body: dict, timeout: float = 600) -> dict:
     return {"text": "".join(text), "finish_reason": reason, "error": error, "tokens": tokens}
 
 
+def counters(port: int) -> dict[str, float]:
+    """Every adrenaline_ series and Triton's prefill queue counters, by series name (labels included)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        samples, _ = parse_prometheus(r.read().decode())
+    return {series_name(n, labels): v for (n, labels), v in samples.items() if n.startswith(MetricsSampler.PREFIXES)}
+
+
+def window_breakdown(before: dict[str, float], after: dict[str, float], span_s: float) -> dict:
+    """What the server did between two scrapes: prefill's busy fraction and passes, the decode step's
+    phases (with decode's wait for the executor) and the decode batch; from counter increases."""
+    inc = {k: v - before.get(k, 0.0) for k, v in after.items()}
+    out = {"prefill": prefill_breakdown(inc, span_s), "decode_loop": decode_loop_breakdown(inc)}
+    for rows in ("all", "offloaded"):
+        n = inc.get(f'adrenaline_decode_batch_size_count{{rows="{rows}"}}', 0)
+        if n > 0:
+            out[f"decode_batch_{rows}"] = inc.get(f'adrenaline_decode_batch_size_sum{{rows="{rows}"}}', 0) / n
+    return out
+
+
 def metrics(port: int) -> dict[str, float]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
         out = {}
@@ -81,7 +107,7 @@ def prompt_of(i: int, n_chars: int) -> str:
 
 
 def closed_loop(url: str, concurrency: int, prompt_chars: int, out_tokens: int, seconds: float,
-                warmup_s: float) -> dict:
+                warmup_s: float, metrics_port: int | None = None) -> dict:
     stop = threading.Event()
     done: list[tuple[float, int, float]] = []  # (finish time, output tokens, latency)
     errors: list[str] = []
@@ -106,7 +132,10 @@ def closed_loop(url: str, concurrency: int, prompt_chars: int, out_tokens: int, 
     start = time.monotonic()
     for t in threads:
         t.start()
-    time.sleep(warmup_s + seconds)
+    time.sleep(warmup_s)
+    before = counters(metrics_port) if metrics_port else None
+    time.sleep(seconds)
+    server = window_breakdown(before, counters(metrics_port), seconds) if before is not None else None
     stop.set()
     t_from, t_to = start + warmup_s, start + warmup_s + seconds
     window = [d for d in done if t_from <= d[0] <= t_to]
@@ -116,7 +145,7 @@ def closed_loop(url: str, concurrency: int, prompt_chars: int, out_tokens: int, 
     return {"concurrency": concurrency, "seconds": seconds, "requests": len(window),
             "output_tokens_per_s": tokens / seconds, "errors": len(errors), "first_errors": errors[:3],
             "median_latency_s": statistics.median([d[2] for d in window]) if window else None,
-            "tokens_each": sorted({d[1] for d in window})}
+            "tokens_each": sorted({d[1] for d in window}), "server": server}
 
 
 def kill_executor_mid_decode(url: str, run_dir: str, metrics_port: int, prompts: list[str], out_tokens: int) -> dict:
@@ -159,7 +188,7 @@ def main() -> int:
     p.add_argument("--model", default="dummy:llama-2-7b")
     p.add_argument("--modes", nargs="+", default=["never", "always"],
                    help="--offload modes, each optionally with +two-batch=on|off|auto (default auto) and +overlap "
-                        "(--overlap-steps)")
+                        "or +no-overlap (--overlap-steps / --no-overlap-steps; default: the engine's, overlapped)")
     p.add_argument("--prefill-gpu", type=int, default=0)
     p.add_argument("--decode-gpu", type=int, default=1)
     p.add_argument("--prompts", type=int, default=16)
@@ -186,7 +215,7 @@ def main() -> int:
         engine = EngineConfig(
             model=a.model, device="cuda", prefill_gpu=a.prefill_gpu, decode_gpu=a.decode_gpu, dtype="bfloat16",
             offload=offload, two_batch_overlap=two_batch or EngineConfig.two_batch_overlap,
-            overlap_steps="overlap" in opts,
+            overlap_steps=False if "no-overlap" in opts else True if "overlap" in opts else EngineConfig.overlap_steps,
             max_model_len=a.prompt_tokens + a.output_tokens + 256, max_tokens_limit=a.output_tokens + 128,
             max_decode_batch=max(a.concurrency, a.prompts), num_decode_blocks=a.blocks, num_executor_blocks=a.blocks,
             run_dir="", executor_sm_share=a.executor_sm_share, prefill_sm_share=a.prefill_sm_share,
@@ -210,8 +239,9 @@ def main() -> int:
             entry["answers"] = len(texts)
             if answers and mode != a.modes[0] and a.modes[0] in answers:
                 entry["answers_equal_to_" + a.modes[0]] = sum(x == y for x, y in zip(texts, answers[a.modes[0]]))
+            entry["overlap_steps"] = engine.overlap_steps
             entry["throughput"] = closed_loop(url, a.concurrency, a.prompt_tokens, a.output_tokens, a.seconds,
-                                              a.warmup)
+                                              a.warmup, options.metrics_port)
             m = metrics(options.metrics_port)
             entry["offloaded_steps_share"] = m.get('adrenaline_decode_batch_size_sum{rows="offloaded"}', 0) / max(
                 1.0, m.get('adrenaline_decode_batch_size_sum{rows="all"}', 0))
@@ -232,13 +262,19 @@ def main() -> int:
         if "log_tail" in entry:
             print(entry["log_tail"])
     rates = {m: e.get("throughput", {}).get("output_tokens_per_s") for m, e in report["modes"].items()}
-    print("\n| mode | output tok/s | requests | errors | median latency s | offloaded share | startup s |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("\n| mode | overlapped steps | output tok/s | requests | errors | median latency s | offloaded share | "
+          "decode batch | step ms (decode waited for the executor) | prefill busy, ms per pass | startup s |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for mode, e in report["modes"].items():
         t = e.get("throughput", {})
-        print(f"| {mode} | {t.get('output_tokens_per_s', 0):.0f} | {t.get('requests', 0)} | {t.get('errors', '—')} | "
-              f"{t.get('median_latency_s') or 0:.2f} | {e.get('offloaded_steps_share', 0):.2f} | "
-              f"{e.get('startup_s', 0):.0f} |")
+        srv = t.get("server") or {}
+        step = srv.get("decode_loop", {}).get("step_ms", {})
+        pre = srv.get("prefill", {})
+        print(f"| {mode} | {e.get('overlap_steps', '—')} | {t.get('output_tokens_per_s', 0):.0f} | "
+              f"{t.get('requests', 0)} | {t.get('errors', '—')} | {t.get('median_latency_s') or 0:.2f} | "
+              f"{e.get('offloaded_steps_share', 0):.2f} | {srv.get('decode_batch_all', 0):.0f} | "
+              f"{step.get('device', 0):.1f} ({step.get('offload_wait', 0):.2f}) | "
+              f"{100 * pre.get('busy', 0):.0f} %, {pre.get('ms_per_pass', 0):.1f} | {e.get('startup_s', 0):.0f} |")
     if rates.get("never") and rates.get("always"):
         print(f"\nalways / never output throughput: {rates['always'] / rates['never']:.3f}")
     if a.out:
