@@ -133,9 +133,17 @@ def closed_loop(url: str, concurrency: int, prompt_chars: int, out_tokens: int, 
     for t in threads:
         t.start()
     time.sleep(warmup_s)
-    before = counters(metrics_port) if metrics_port else None
+    server, before = None, None
+    try:  # the server's view of the window is a diagnosis: failing to read it loses no measurement
+        before = counters(metrics_port) if metrics_port else None
+    except OSError as e:
+        server = {"error": f"metrics: {e}"}
     time.sleep(seconds)
-    server = window_breakdown(before, counters(metrics_port), seconds) if before is not None else None
+    if before is not None:
+        try:
+            server = window_breakdown(before, counters(metrics_port), seconds)
+        except OSError as e:
+            server = {"error": f"metrics: {e}"}
     stop.set()
     t_from, t_to = start + warmup_s, start + warmup_s + seconds
     window = [d for d in done if t_from <= d[0] <= t_to]
