@@ -95,6 +95,27 @@ def test_summary_slo_attainment_and_goodput_on_hand_made_records():
     assert bs.summarize(records, 4.0)["slo"]["attainment"] == pytest.approx(0.75)
 
 
+def test_slo_misses_say_why_and_which_output_lengths_missed_tpot():
+    records = [
+        record(0, ttft=4.0, e2e=5.0, n_out=11),      # TTFT 4 s > 3 s (its TPOT too): counted as TTFT
+        record(1, ttft=0.1, e2e=0.4, n_out=3),       # TPOT 150 ms over 3 tokens: a short miss
+        record(2, ttft=0.1, e2e=0.15, n_out=3),      # TPOT 25 ms: attains
+        record(3, ttft=0.1, e2e=8.1, n_out=101),     # TPOT 80 ms over 101 tokens
+        record(4, ttft=0.1, e2e=3.1, n_out=301),     # TPOT 10 ms: attains
+        record(5, ttft=0.1, e2e=0.1, n_out=1),       # one token: TPOT holds vacuously
+        record(6, error="boom"),
+    ]
+    s = bs.summarize(records, 10.0, ttft_slo_ms=3000, tpot_slo_ms=50)
+    misses = s["slo"]["misses"]
+    assert (misses["failed"], misses["ttft"], misses["tpot_only"]) == (1, 1, 2)
+    assert misses["tpot_by_output_tokens"] == {"1-3": [1, 3], "4-15": [0, 1], "16-63": [0, 0],
+                                               "64-255": [1, 1], "256+": [0, 1]}
+    assert s["slo"]["attained"] == len(records) - sum((misses["failed"], misses["ttft"], misses["tpot_only"]))
+    text = bs.format_summary({"summary": s, "server_metrics": {}, "request_rate": 1.0, "label": "x",
+                              "concurrency": None})
+    assert "1 / 1 / 2" in text and "1-3: 1/3" in text and "64-255: 1/1" in text
+
+
 def test_stream_state_counts_tokens_from_responses_not_text():
     rec = bs.RequestRecord(0, 5, 4, send_s=3.0)
     st = bs._StreamState(rec, t_send=10.0)

@@ -179,6 +179,31 @@ def attains_slo(record: RequestRecord, ttft_slo_ms: float | None, tpot_slo_ms: f
     return tpot_slo_ms is None or tpot is None or tpot * 1000 <= tpot_slo_ms
 
 
+#: output-length buckets of the SLO misses (lower bounds, tokens): a TPOT over a few tokens is mostly
+#: the lag of their last response, over hundreds it is the decode step
+MISS_BUCKETS = (1, 4, 16, 64, 256)
+
+
+def slo_misses(records: list[RequestRecord], ttft_slo_ms: float | None, tpot_slo_ms: float | None) -> dict[str, Any]:
+    """Why requests missed the SLO: failed, TTFT missed, or TTFT met and TPOT missed; the TPOT misses
+    by output length ([missed, requests] per bucket of completed requests)."""
+    failed = ttft = 0
+    by_len = {b: [0, 0] for b in MISS_BUCKETS}
+    for r in records:
+        if not r.is_ok:
+            failed += 1
+            continue
+        bucket = by_len[max(b for b in MISS_BUCKETS if b <= max(1, r.num_output_tokens))]
+        bucket[1] += 1
+        if ttft_slo_ms is not None and (r.ttft_s is None or r.ttft_s * 1000 > ttft_slo_ms):
+            ttft += 1
+        elif tpot_slo_ms is not None and (t := r.tpot_s) is not None and t * 1000 > tpot_slo_ms:
+            bucket[0] += 1
+    names = [f"{lo}-{hi - 1}" for lo, hi in zip(MISS_BUCKETS, MISS_BUCKETS[1:])] + [f"{MISS_BUCKETS[-1]}+"]
+    return {"failed": failed, "ttft": ttft, "tpot_only": sum(m for m, _ in by_len.values()),
+            "tpot_by_output_tokens": {name: by_len[b] for name, b in zip(names, MISS_BUCKETS)}}
+
+
 def summarize(records: list[RequestRecord], duration_s: float, ttft_slo_ms: float | None = None,
               tpot_slo_ms: float | None = None, steady_window: tuple[float, float] | None = None) -> dict[str, Any]:
     """The run's figures. Throughputs count completed requests only; attainment is over all requests sent.
@@ -214,6 +239,7 @@ def summarize(records: list[RequestRecord], duration_s: float, ttft_slo_ms: floa
             "attained": attained,
             "attainment": attained / len(records) if records else 0.0,
             "goodput": per_s(attained),
+            "misses": slo_misses(records, ttft_slo_ms, tpot_slo_ms),
         },
         "errors": dict(errors.most_common(10)),
         **_steady(records, steady_window),
@@ -920,6 +946,12 @@ def format_summary(result: dict[str, Any]) -> str:
     else:
         rows.append(("SLO attainment (no SLO set: completed)", f"{slo['attainment']:.1%}"))
     rows.append(("goodput (req/s)", _f(slo["goodput"], 3)))
+    misses = slo.get("misses")
+    if misses and (misses["ttft"] or misses["tpot_only"]):
+        rows.append(("SLO misses: failed / TTFT / TPOT only", f"{misses['failed']} / {misses['ttft']} / "
+                                                                f"{misses['tpot_only']}"))
+        rows.append(("  TPOT misses by output tokens", "  ".join(
+            f"{name}: {m}/{n}" for name, (m, n) in misses["tpot_by_output_tokens"].items() if n)))
     if s["num_short_outputs"]:
         rows.append(("outputs shorter than asked", str(s["num_short_outputs"])))
     lines += [f"{k:<44}{v:>28}" for k, v in rows]
