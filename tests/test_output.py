@@ -280,21 +280,24 @@ def test_a_worker_that_fell_behind_answers_new_requests_before_running_streams()
     assert sent == [("running", "a"), ("new", "x"), ("running", "b")]
 
 
-def test_a_new_request_arriving_during_a_round_is_answered_before_the_rest_of_the_round():
-    # a round of running streams takes rows x one send; a first token that arrives meanwhile must
-    # not wait for the whole round (its time to first token), and each stream keeps its order
-    from adrenaline_py.engine.output import OutputWorkers
-
-    streams = [make_seq(stream=True) for _ in range(3)]
+def _started_streams(n):
+    streams = [make_seq(stream=True) for _ in range(n)]
     for i, seq in enumerate(streams):
         seq.seq_id, seq.handle = i, f"r{i}"
-    new = make_seq(stream=True)
-    new.seq_id, new.handle = 10, "new"
+    return streams
+
+
+def _round_blocked_at_its_first_send(streams, record):
+    """One output thread that sent each stream's first token ("a") and is in a round of their second
+    tokens ("b"), its first send (r0's) blocked until the returned gate is set; ``sent`` collects
+    ``record(handle, chunk)`` per response."""
+    from adrenaline_py.engine.output import OutputWorkers
+
     sent, entered, gate = [], threading.Event(), threading.Event()
 
     def send(handle, chunk):
-        sent.append((handle, chunk.text))
-        if handle == "r0" and chunk.text == "b":   # the round's first send blocks ...
+        sent.append(record(handle, chunk))
+        if (handle, chunk.text) == ("r0", "b"):   # the round's first send blocks ...
             entered.set()
             gate.wait(5)
 
@@ -304,10 +307,25 @@ def test_a_new_request_arriving_during_a_round_is_answered_before_the_rest_of_th
         firsts, seconds = zip(*(events_for(seq, "ab", finish_reason=None) for seq in streams))
         workers.submit(list(firsts))
         deadline = time.monotonic() + 5
-        while len(sent) < 3 and time.monotonic() < deadline:
+        while len(sent) < len(streams) and time.monotonic() < deadline:
             time.sleep(0.01)
         workers.submit(list(seconds))              # one round: r0, r1, r2
         assert entered.wait(5)
+    except BaseException:
+        gate.set()
+        workers.stop()
+        raise
+    return workers, sent, gate
+
+
+def test_a_new_request_arriving_during_a_round_is_answered_before_the_rest_of_the_round():
+    # a round of running streams takes rows x one send; a first token that arrives meanwhile must
+    # not wait for the whole round (its time to first token), and each stream keeps its order
+    streams = _started_streams(3)
+    new = make_seq(stream=True)
+    new.seq_id, new.handle = 10, "new"
+    workers, sent, gate = _round_blocked_at_its_first_send(streams, lambda handle, chunk: (handle, chunk.text))
+    try:
         x, y = events_for(new, "xy", finish_reason=None)
         workers.submit([x])                        # ... while a request arrives
         workers.submit([y])
@@ -317,19 +335,6 @@ def test_a_new_request_arriving_during_a_round_is_answered_before_the_rest_of_th
     assert sent == [("r0", "a"), ("r1", "a"), ("r2", "a"), ("r0", "b"), ("new", "x"), ("r1", "b"), ("r2", "b"),
                     ("new", "y")]
     assert workers.stats().events == 8 and workers.queued() == 0
-
-
-def _started_streams(n):
-    streams = [make_seq(stream=True) for _ in range(n)]
-    for i, seq in enumerate(streams):
-        seq.seq_id, seq.handle = i, f"r{i}"
-    return streams
-
-
-def _wait_for(sent, n):
-    deadline = time.monotonic() + 5
-    while len(sent) < n and time.monotonic() < deadline:
-        time.sleep(0.01)
 
 
 def test_a_worker_that_fell_behind_answers_ending_requests_before_running_streams():
@@ -363,25 +368,10 @@ def test_a_worker_that_fell_behind_answers_ending_requests_before_running_stream
 def test_a_request_ending_during_a_round_is_answered_before_the_rest_of_the_round_with_all_its_tokens():
     # the end of a running stream that arrives while a round of running streams is being sent goes
     # out at once, joined with that stream's tokens still waiting in the round or taken meanwhile
-    from adrenaline_py.engine.output import OutputWorkers
-
     streams = _started_streams(3)
-    sent, entered, gate = [], threading.Event(), threading.Event()
-
-    def send(handle, chunk):
-        sent.append((handle, chunk.text, chunk.finish_reason))
-        if (handle, chunk.text) == ("r0", "b"):   # the round's first send blocks ...
-            entered.set()
-            gate.wait(5)
-
-    workers = OutputWorkers(TOK, send, lambda seq_id: None, num_threads=1)
-    workers.start()
+    workers, sent, gate = _round_blocked_at_its_first_send(
+        streams, lambda handle, chunk: (handle, chunk.text, chunk.finish_reason))
     try:
-        firsts, seconds = zip(*(events_for(seq, "ab", finish_reason=None) for seq in streams))
-        workers.submit(list(firsts))
-        _wait_for(sent, 3)
-        workers.submit(list(seconds))              # one round: r0, r1, r2
-        assert entered.wait(5)
         c1, c2 = (events_for(seq, "c", finish_reason=None)[0] for seq in streams[1:])
         workers.submit([c1])                       # ... while r1 goes on ...
         workers.submit([TokenEvent(streams[1], TOK.encode("d"), "length")])  # ... and ends,
