@@ -58,6 +58,7 @@ class Case:
     num_local: int
     num_offloaded: int
     step_ms: float | None = None
+    overlapped_ms: float | None = None  # per step, each launched before the last one's tokens are read
     note: str = ""
 
 
@@ -123,6 +124,7 @@ def _decode_main(conn, shape, batches, contexts, modes, engine, sm_share, steps)
 def run_shape(shape: str, batches: list[int], contexts: list[int], modes: list[str], engine: EngineConfig,
               copy_gbs: float, sm_share: int | None, steps: int) -> tuple[list[Case], dict]:
     from adrenaline_py.attention import make_attention_backend
+    from adrenaline_py.bench import overlapped_step_ms
     from adrenaline_py.engine.decode import DecodePlan, DecodeRunner, Sequence
     from adrenaline_py.kv_cache import BlockAllocator, KVPool, blocks_needed
     from adrenaline_py.loader import build_model, load_checkpoint
@@ -175,7 +177,7 @@ def run_shape(shape: str, batches: list[int], contexts: list[int], modes: list[s
                     runner.two_batch = "on" if mode in CUT_MODES else "off"
                     cases.append(case)
                     tables: dict[str, list[list[int]]] = {"decode": [], "executor": []}
-                    need = blocks_needed(c, PAGE)
+                    need = blocks_needed(c + 1, PAGE)  # an overlapped step writes position c
                     for pool_name, count in (("decode", b - n), ("executor", n)):
                         for _ in range(count):
                             t = allocators[pool_name].allocate(need, c)
@@ -198,6 +200,9 @@ def run_shape(shape: str, batches: list[int], contexts: list[int], modes: list[s
                                 runner.run(plan)
                                 times.append((time.perf_counter() - t0) * 1e3)
                             case.step_ms = statistics.median(times)
+                            # as the decode loop runs them: step N+1 launched before N's tokens are read
+                            case.overlapped_ms = overlapped_step_ms(
+                                lambda pending, plan=plan: runner.launch(plan, pending), runner.collect, steps=steps)
                             if (runner.two_batch_steps > cut) != (mode in CUT_MODES):
                                 raise RuntimeError("the step was not cut as the mode says")
                     except Exception as e:
@@ -224,14 +229,17 @@ def run_shape(shape: str, batches: list[int], contexts: list[int], modes: list[s
 
 def _case_line(c: Case) -> str:
     ms = f"{c.step_ms:.2f} ms" if c.step_ms is not None else c.note
+    if c.overlapped_ms is not None:
+        ms += f", overlapped {c.overlapped_ms:.2f} ms"
+
     return f"{c.shape} batch {c.batch} context {c.context} {c.mode} ({c.num_local} local + {c.num_offloaded}): {ms}"
 
 
-def _cell(case: Case | None) -> str:
+def _cell(case: Case | None, field: str = "step_ms") -> str:
     if case is None:
         return "—"
-    if case.step_ms is not None:
-        return f"{case.step_ms:.2f}"
+    if getattr(case, field) is not None:
+        return f"{getattr(case, field):.2f}"
     return "does not fit" if case.note.startswith("does not") else "failed"
 
 
@@ -255,6 +263,19 @@ def table(cases: list[Case], infos: dict[str, dict]) -> str:
                      f"{_ratio(ms['always'], ms['never'])} | {_ratio(ms['two-batch'], ms['never'])} | "
                      f"{f'{roof:.2f}' if roof else '—'} | "
                      f"{_ratio(ms['never'], roof)} |")
+    lines += ["", "Overlapped steps (as the decode loop runs them: step N+1 launched before N's tokens are read), "
+              "ms per step:", "",
+              "| shape | batch | context | never | half | half, two batches | always | always, two batches | "
+              "half / never | always / never | never / roofline |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for shape, b, ctx in sorted({(c.shape, c.batch, c.context) for c in cases}, key=lambda k: (k[0], k[2], k[1])):
+        row = {m: by.get((shape, b, ctx, m)) for m in MODES}
+        ms = {m: (c.overlapped_ms if c else None) for m, c in row.items()}
+        roof = infos.get(shape, {}).get("roofline_ms", {}).get(f"{b}x{ctx}")
+        cells = " | ".join(_cell(row[m], "overlapped_ms") for m in ("never", "half", "half-two-batch", "always",
+                                                                     "two-batch"))
+        lines.append(f"| {shape} | {b} | {ctx} | {cells} | {_ratio(ms['half'], ms['never'])} | "
+                     f"{_ratio(ms['always'], ms['never'])} | {_ratio(ms['never'], roof)} |")
     failures = [c for c in cases if c.note.startswith("failed")]
     if failures:
         lines += ["", *[f"- {_case_line(c)}" for c in failures]]
@@ -333,7 +354,8 @@ def main(a: argparse.Namespace) -> int:
     text += [f"{first.get('device', '?')}; decode on GPU {a.decode_gpu}, executor on GPU {a.prefill_gpu} (MPS "
              f"{a.executor_sm_share or 'off'}%); torch {torch.__version__}; bf16; page {PAGE}; CUDA graphs "
              f"{'off' if a.no_cuda_graphs else 'on'}; copy bandwidth (decode GPU) **{first.get('copy_gbs', 0):.0f} "
-             f"GB/s**; step = median of {a.steps} host-to-host steps.", ""]
+             f"GB/s**; step = median of {a.steps} host-to-host steps; overlapped = median of 5 runs of "
+             f"{a.steps} overlapped steps, ms per step.", ""]
     text += [table(all_cases, infos), "", "```", json.dumps(infos, indent=1), "```"]
     report = "\n".join(text) + "\n"
     print("\n" + report)

@@ -2,7 +2,13 @@
 
 import torch
 
-from adrenaline_py.bench import kernel_floor_ms, kv_bytes_per_token, step_kernels, weight_bytes_read
+from adrenaline_py.bench import (
+    kernel_floor_ms,
+    kv_bytes_per_token,
+    overlapped_step_ms,
+    step_kernels,
+    weight_bytes_read,
+)
 from adrenaline_py.loader import build_model, load_checkpoint
 
 
@@ -29,3 +35,27 @@ def test_kernel_floor_takes_the_slower_bound_of_each_kernel():
     slow_math = kernel_floor_ms(cfg, 256, 1024, 2, copy_gbs=4000.0, tflops=100.0)
     assert slow_math > fast_math                                               # FLOPs bind the GEMMs
     assert slow_math >= sum(f for _, _, f in kernels) / 100.0 / 1e9
+
+
+def test_overlapped_timing_launches_each_step_before_reading_the_last_and_reads_every_step_once():
+    log: list[tuple] = []
+    count = iter(range(10**6))
+
+    def launch(pending):
+        n = next(count)
+        log.append(("launch", n, pending))
+        return n
+
+    def collect(n):
+        log.append(("collect", n))
+
+    ms = overlapped_step_ms(launch, collect, steps=4, repeats=3)
+    assert ms >= 0
+    runs = [log[i:i + 8] for i in range(0, len(log), 8)]
+    assert len(runs) == 4 and sum(map(len, runs)) == len(log)  # one warm-up run + 3 timed runs
+    for run in runs:
+        first = run[0][1]
+        # launch 0, launch 1 (from 0), collect 0, launch 2 (from 1), collect 1, ..., collect the last
+        assert run == [("launch", first, None), ("launch", first + 1, first), ("collect", first),
+                       ("launch", first + 2, first + 1), ("collect", first + 1),
+                       ("launch", first + 3, first + 2), ("collect", first + 2), ("collect", first + 3)]
