@@ -60,6 +60,7 @@ class Case:
     step_ms: float | None = None
     overlapped_ms: float | None = None  # per step, each launched before the last one's tokens are read
     note: str = ""
+    profile: str = ""  # decode's kernels per step (--profile)
 
 
 def _kv_bytes_per_token(cfg: ModelConfig, elem: int) -> int:
@@ -102,7 +103,7 @@ def _executor_main(conn, engine: EngineConfig, sm_share: int | None) -> None:
         conn.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()[-2000:]}"))
 
 
-def _decode_main(conn, shape, batches, contexts, modes, engine, sm_share, steps) -> None:
+def _decode_main(conn, shape, batches, contexts, modes, engine, sm_share, steps, profile=None) -> None:
     """One shape, in a child process of its own (its GPU memory goes back when it exits)."""
     os.environ.update(NCCL_ENV)
     try:
@@ -111,7 +112,7 @@ def _decode_main(conn, shape, batches, contexts, modes, engine, sm_share, steps)
         torch.cuda.set_device(engine.decode_gpu)
         copy_gbs = copy_bandwidth_gbs(torch.device("cuda", engine.decode_gpu))
         torch.cuda.empty_cache()  # the copy's buffers: free memory sizes the pool
-        cases, info = run_shape(shape, batches, contexts, modes, engine, copy_gbs, sm_share, steps)
+        cases, info = run_shape(shape, batches, contexts, modes, engine, copy_gbs, sm_share, steps, profile)
         info["copy_gbs"] = copy_gbs
         info["device"] = torch.cuda.get_device_name(engine.decode_gpu)
         conn.send(("ok", (cases, info)))
@@ -122,9 +123,10 @@ def _decode_main(conn, shape, batches, contexts, modes, engine, sm_share, steps)
 
 
 def run_shape(shape: str, batches: list[int], contexts: list[int], modes: list[str], engine: EngineConfig,
-              copy_gbs: float, sm_share: int | None, steps: int) -> tuple[list[Case], dict]:
+              copy_gbs: float, sm_share: int | None, steps: int,
+              profile: tuple[int, int, str] | None = None) -> tuple[list[Case], dict]:
     from adrenaline_py.attention import make_attention_backend
-    from adrenaline_py.bench import overlapped_step_ms
+    from adrenaline_py.bench import kernel_profile, overlapped_step_ms
     from adrenaline_py.engine.decode import DecodePlan, DecodeRunner, Sequence
     from adrenaline_py.kv_cache import BlockAllocator, KVPool, blocks_needed
     from adrenaline_py.loader import build_model, load_checkpoint
@@ -203,6 +205,8 @@ def run_shape(shape: str, batches: list[int], contexts: list[int], modes: list[s
                             # as the decode loop runs them: step N+1 launched before N's tokens are read
                             case.overlapped_ms = overlapped_step_ms(
                                 lambda pending, plan=plan: runner.launch(plan, pending), runner.collect, steps=steps)
+                            if profile == (b, c, mode):  # decode's kernels, the exchange's waits among them
+                                case.profile = kernel_profile(lambda plan=plan: runner.run(plan), device, top=25)
                             if (runner.two_batch_steps > cut) != (mode in CUT_MODES):
                                 raise RuntimeError("the step was not cut as the mode says")
                     except Exception as e:
@@ -294,6 +298,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=20, help="timed steps per case (median)")
     p.add_argument("--no-cuda-graphs", action="store_true")
     p.add_argument("--handoff", action="store_true", help="first measure the per-layer hand-off primitives")
+    p.add_argument("--profile", nargs=3, metavar=("BATCH", "CONTEXT", "MODE"), default=None,
+                   help="also list decode's kernels per step of this case (torch.profiler)")
     p.add_argument("--out", default=None, help="write offload_bench.md/.json here (default: $OUT when set)")
 
 
@@ -321,6 +327,7 @@ def main(a: argparse.Namespace) -> int:
             daemon.start()
             os.environ.update(daemon.env)  # the decode and executor children become MPS clients
         all_cases, infos = [], {}
+        profile = (int(a.profile[0]), int(a.profile[1]), a.profile[2]) if a.profile else None
         try:
             ctx = mp.get_context("spawn")
             for shape in a.shapes:
@@ -334,7 +341,7 @@ def main(a: argparse.Namespace) -> int:
                 Path(engine.run_dir).mkdir()
                 parent, child = ctx.Pipe()
                 proc = ctx.Process(target=_decode_main, args=(child, shape, a.batches, a.contexts, a.modes, engine,
-                                                              a.executor_sm_share, a.steps))
+                                                              a.executor_sm_share, a.steps, profile))
                 proc.start()
                 kind, payload = parent.recv() if parent.poll(1800) else ("error", "timed out")
                 proc.join(60)
@@ -357,6 +364,10 @@ def main(a: argparse.Namespace) -> int:
              f"GB/s**; step = median of {a.steps} host-to-host steps; overlapped = median of 5 runs of "
              f"{a.steps} overlapped steps, ms per step.", ""]
     text += [table(all_cases, infos), "", "```", json.dumps(infos, indent=1), "```"]
+    for c in all_cases:
+        if c.profile:
+            text += ["", f"## {c.shape}, batch {c.batch}, context {c.context}, {c.mode}: decode's kernels per step "
+                     "(one step at a time; flag waits are the exchange waiting for the executor)", "", c.profile]
     report = "\n".join(text) + "\n"
     print("\n" + report)
     if out:
