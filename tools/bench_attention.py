@@ -152,11 +152,46 @@ def run_sweep(copy_gbs: float, lines: list[str], max_batch: int = 0) -> None:
             torch.cuda.empty_cache()
 
 
+LAYOUT_SHAPES = [(b, c) for c in (1024, 4096) for b in (64, 128, 256)]
+
+
+def run_layouts(copy_gbs: float, lines: list[str]) -> None:
+    """The pool as it is ([blocks, page, Hkv, D]: a token's heads side by side) against head-major
+    pages ([blocks, Hkv, page, D], passed to the same kernel as a permuted view: a page of one head is
+    one contiguous run of page x D elements). Same K/V values; outputs must be equal."""
+    gen = torch.Generator(device=DEVICE).manual_seed(2)
+    lines += ["", "## Page layout: token-major (the pool) against head-major pages (GB/s, of copy)", "",
+              "| model | batch | context | token-major µs | head-major µs | token-major of copy | head-major of copy | "
+              "head-major / token-major time | outputs equal |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for model, (hq, hkv, d) in MODELS.items():
+        blocks = max(b * math.ceil(c / PAGE) for b, c in LAYOUT_SHAPES) + 1
+        nhd = Pool(hkv, d, blocks)
+        hnd = Pool.__new__(Pool)
+        hnd.num_blocks = blocks
+        hnd.k = nhd.k.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
+        hnd.v = nhd.v.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
+        for batch, ctx in LAYOUT_SHAPES:
+            nbytes = shape_bytes(batch, ctx, hq, hkv, d)
+            ms = [time_kernel(pool, batch, ctx, hq, gen) for pool in (nhd, hnd)]
+            q, tables, seq_lens = nhd.case(batch, ctx, hq, gen)
+            a = paged_decode_attention_triton(q, nhd.k, nhd.v, tables, seq_lens, ctx)
+            b = paged_decode_attention_triton(q, hnd.k, hnd.v, tables, seq_lens, ctx)
+            gbs = [nbytes / t / 1e6 for t in ms]
+            lines.append(f"| {model} | {batch} | {ctx} | {ms[0] * 1e3:.1f} | {ms[1] * 1e3:.1f} | "
+                         f"{gbs[0] / copy_gbs:.2f} | {gbs[1] / copy_gbs:.2f} | {ms[1] / ms[0]:.2f} | "
+                         f"{bool(torch.equal(a, b))} |")
+            print(lines[-1], flush=True)
+        del nhd, hnd
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true", help="sweep launch configurations on a few shapes first")
     ap.add_argument("--no-table", action="store_true", help="skip the main table")
     ap.add_argument("--sweep-max-batch", type=int, default=0, help="sweep only shapes with batch <= this")
+    ap.add_argument("--layouts", action="store_true", help="compare the pool's page layout with head-major pages")
     args = ap.parse_args()
 
     props = torch.cuda.get_device_properties(0) if DEVICE == "cuda" else None
@@ -176,6 +211,8 @@ def main() -> None:
     print("\n".join(lines), flush=True)
     if args.sweep:
         run_sweep(copy_gbs, lines, args.sweep_max_batch)
+    if args.layouts:
+        run_layouts(copy_gbs, lines)
 
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     if not args.no_table:
