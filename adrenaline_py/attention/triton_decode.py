@@ -243,8 +243,8 @@ def default_config(
     At batch >= 64 (contexts 1K-4K, GQA 32/8 and MHA 32/32, head dim 128) the best was one
     partition per (sequence, KV head): splitting the context only added partial-output traffic and
     the merge kernel once batch x KV heads >= 128 programs. On the H200, 64-token tiles, 4 warps,
-    3 stages were best or within 2 % of it at every share (3-10 % over 32-token tiles; the H100
-    sweep had preferred 32). The context is split only when there are too few (sequence, KV head)
+    3 stages were best or within 2 % of it at every share from four programs per SM (3-10 % over
+    32-token tiles; the H100 sweep had preferred 32); with two to four, 32-token tiles are. The context is split only when there are too few (sequence, KV head)
     pairs to occupy the SMs (batch 16 at 4K ran 1.4x slower unsplit than split in 512-token
     partitions); ``num_sms`` is what this process gets (its MPS share).
     """
@@ -261,6 +261,11 @@ def default_config(
         # Few, long programs: wider tiles and more warps per program keep more loads in flight
         # (sweep at batch 1-16: +25% at batch 16 / 1K, +35% at batch 4 / 4K over 32-token tiles, 4 warps).
         block_n, num_warps = max(64, page), 8
+    elif pairs < 4 * num_sms:
+        # Two to four programs per SM: 32-token tiles (H200 sweep, 2026-12-01: llama-3.1-8b at batch 64
+        # 0.82 of copy against 0.69 with 64-token tiles at 1K, 1.00 against 0.80 at 4K; llama-2-7b at
+        # batch 16 / 2K +4 %). From 4 per SM on 64-token tiles stay best (128 x 2K at every MPS share).
+        block_n = max(32, page)
     partition = max(partition, block_n)
     return DecodeKernelConfig(partition=partition, block_n=block_n, num_warps=num_warps, num_stages=3, use_dot=True)
 
