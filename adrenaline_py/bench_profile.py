@@ -11,6 +11,10 @@ the SMs. What the launcher and the ``auto`` policy need to know about that GPU i
   few-SM configuration was chosen);
 - **prefill latency against the SM share and the prompt length**: one prompt through every layer
   (dummy weights of the real shape), its K/V stored into a pool, the LM head on its last row;
+  alone on the GPU (``prefill``), and again beside an attention load (``prefill_loaded``): another
+  MPS client at the rest of the SMs (100 − share %) running the decode kernel without pause, as
+  the executor does when served under load (served, prefill beside a working executor took about
+  2 × its time alone; docs/performance.md, tenth run);
 - **decode step against the batch** at 100 % (decode owns its GPU): the all-local step (CUDA graphs,
   host to host, as ``adrenaline bench engine``) at a reference context, and the same step at a
   16-token context, which is the step without attention (``dense_ms``): the paper's B_max is the
@@ -45,6 +49,10 @@ DENSE_CONTEXT = 16
 ATTENTION_CASES = ((64, 1024), (128, 2048), (256, 1024), (64, 4096))
 TUNE_CASE = (128, 2048)
 PAGE = 16
+# the attention load beside prefill: llama-2-7b's heads, one layer's K/V of 128 requests × 2048
+# tokens (4.3 GB, far beyond L2), the decode kernel launched without pause
+LOAD_HEADS = (32, 32, 128)
+LOAD_CASE = (128, 2048)
 
 
 def gpu_slug(name: str) -> str:
@@ -174,8 +182,54 @@ def _decode_steps(shape: str, dtype, device, batches) -> list[dict]:
     return rows
 
 
-def child_main(share: int, shapes: list[str], prompt_lens, batches, out_path: str) -> None:
-    """One MPS client at one SM share (the variable was set by the parent before CUDA started)."""
+def attention_load_main() -> None:
+    """The attention load beside prefill (its own MPS client; its share set by the caller): the decode
+    kernel on random paged K/V, launched without pause until the process is terminated. Prints
+    ``ready`` once the kernel has run."""
+    import torch
+
+    from adrenaline_py.attention.triton_decode import paged_decode_attention_triton
+
+    device = torch.device("cuda", 0)
+    torch.cuda.set_device(device)
+    hq, hkv, d = LOAD_HEADS
+    batch, ctx = LOAD_CASE
+    nb = math.ceil(ctx / PAGE)
+    gen = torch.Generator(device=device).manual_seed(3)
+    k = torch.randn(batch * nb + 1, PAGE, hkv, d, device=device, dtype=torch.bfloat16, generator=gen)
+    v = torch.randn(batch * nb + 1, PAGE, hkv, d, device=device, dtype=torch.bfloat16, generator=gen)
+    tables = (torch.randperm(batch * nb, device=device, generator=gen) + 1).view(batch, nb)
+    lens = torch.full((batch,), ctx, dtype=torch.int64, device=device)
+    q = torch.randn(batch, hq, d, device=device, dtype=torch.bfloat16, generator=gen)
+    out = torch.empty_like(q)
+    paged_decode_attention_triton(q, k, v, tables, lens, ctx, out=out)
+    torch.cuda.synchronize(device)
+    print("ready", flush=True)
+    while True:
+        for _ in range(20):
+            paged_decode_attention_triton(q, k, v, tables, lens, ctx, out=out)
+        torch.cuda.synchronize(device)  # a bounded queue: the load stops soon after it is terminated
+
+
+def _with_attention_load(share: int, fn):
+    """``fn()`` while an attention load runs at the rest of the SMs (100 − share %)."""
+    env = {**os.environ, "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": str(100 - share)}
+    code = "from adrenaline_py.bench_profile import attention_load_main; attention_load_main()"
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        if proc.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"the attention load did not start (exit {proc.poll()})")
+        return fn()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def child_main(share: int, shapes: list[str], prompt_lens, batches, out_path: str, attention: bool = True,
+               beside_load: bool = True) -> None:
+    """One MPS client at one SM share (the variable was set by the parent before CUDA started).
+    ``attention``: also the decode-attention figures; ``beside_load``: also prefill beside an
+    attention load at the rest of the SMs (below 100 %)."""
     import torch
     import triton
 
@@ -189,13 +243,19 @@ def child_main(share: int, shapes: list[str], prompt_lens, batches, out_path: st
                  "effective_sms": sm_count(device), "memory_gib": props.total_memory / 2**30,
                  "torch": torch.__version__, "triton": triton.__version__, "shapes": {}}
     for shape in shapes:
-        r: dict = {"attention": _attention(shape, dtype, device)}
-        print(f"share {share}% {shape}: attention {r['attention']['gbs']:.0f} GB/s (default config "
-              f"{r['attention']['default_gbs']:.0f}), best {r['attention']['best_config']}", flush=True)
-        torch.cuda.empty_cache()
+        r: dict = {}
+        if attention:
+            r["attention"] = _attention(shape, dtype, device)
+            print(f"share {share}% {shape}: attention {r['attention']['gbs']:.0f} GB/s (default config "
+                  f"{r['attention']['default_gbs']:.0f}), best {r['attention']['best_config']}", flush=True)
+            torch.cuda.empty_cache()
         r["prefill"] = _prefill(shape, dtype, device, prompt_lens)
         print(f"share {share}% {shape}: prefill " + ", ".join(f"{p['prompt_len']}: {p['ms']:.1f} ms"
                                                              for p in r["prefill"]), flush=True)
+        if beside_load and share < 100:
+            r["prefill_loaded"] = _with_attention_load(share, lambda s=shape: _prefill(s, dtype, device, prompt_lens))
+            print(f"share {share}% {shape}: prefill beside the attention load " + ", ".join(
+                f"{p['prompt_len']}: {p['ms']:.1f} ms" for p in r["prefill_loaded"]), flush=True)
         if batches:
             r["decode_step"] = _decode_steps(shape, dtype, device, batches)
         res["shapes"][shape] = r
@@ -212,12 +272,13 @@ def _profile_of(shape: str, runs: list[dict]) -> dict:
             "default_gbs": r["shapes"][shape]["attention"]["default_gbs"],
             "config": r["shapes"][shape]["attention"]["best_config"]} for r in runs]
     prefill = [{"sm_share": r["share"], **p} for r in runs for p in r["shapes"][shape]["prefill"]]
+    loaded = [{"sm_share": r["share"], **p} for r in runs for p in r["shapes"][shape].get("prefill_loaded", [])]
     return {
         "version": 1, "gpu": full["gpu"], "gpu_slug": gpu_slug(full["gpu"]), "num_sms": full["num_sms"],
         "memory_gib": round(full["memory_gib"], 1), "shape": shape, "dtype": "bfloat16", "block_size": PAGE,
         "date": datetime.date.today().isoformat(), "torch": full["torch"], "triton": full["triton"],
         "copy_gbs": full.get("copy_gbs"),
-        "attention": att, "prefill": prefill,
+        "attention": att, "prefill": prefill, "prefill_loaded": loaded,
         "decode_step": full["shapes"][shape].get("decode_step", []),
     }
 
@@ -246,7 +307,20 @@ def report(profiles: list[dict], runs: list[dict]) -> str:
                   "|---:|" + "---:|" * len(lens)]
         for share in sorted({x["sm_share"] for x in p["prefill"]}):
             ms = {x["prompt_len"]: x["ms"] for x in p["prefill"] if x["sm_share"] == share}
-            lines.append(f"| {share} % | " + " | ".join(f"{ms[n]:.1f}" for n in lens) + " |")
+            lines.append(f"| {share} % | " + " | ".join(f"{ms[n]:.1f}" if n in ms else "—" for n in lens) + " |")
+        if p["prefill_loaded"]:
+            lens = sorted({x["prompt_len"] for x in p["prefill_loaded"]})
+            lines += ["", f"## {p['shape']}: prefill latency (ms, one prompt) beside an attention load at the rest "
+                      "of the SMs", "",
+                      "| SM share | " + " | ".join(f"{n} tokens" for n in lens) + " | alone / beside (longest) |",
+                      "|---:|" + "---:|" * (len(lens) + 1)]
+            alone = {(x["sm_share"], x["prompt_len"]): x["ms"] for x in p["prefill"]}
+            for share in sorted({x["sm_share"] for x in p["prefill_loaded"]}):
+                ms = {x["prompt_len"]: x["ms"] for x in p["prefill_loaded"] if x["sm_share"] == share}
+                solo = alone.get((share, lens[-1]))
+                ratio = f"{ms[lens[-1]] / solo:.2f} ×" if solo and lens[-1] in ms else "—"
+                lines.append(f"| {share} % | " + " | ".join(f"{ms[n]:.1f}" if n in ms else "—" for n in lens)
+                             + f" | {ratio} |")
         if p["decode_step"]:
             lines += ["", f"## {p['shape']}: decode step (all local, 100 %) against the batch", "",
                       f"| batch | step ms (context {STEP_CONTEXT}) | dense ms (context {DENSE_CONTEXT}) "
@@ -266,9 +340,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batches", nargs="+", type=int, default=list(STEP_BATCHES), help="decode-step batches (100 %%)")
     p.add_argument("--gpu", type=int, default=0)
     p.add_argument("--out", default=None, help="directory of the profiles (default: $OUT/profiles, else ./profiles)")
+    p.add_argument("--prefill-only", action="store_true",
+                   help="measure prefill alone (and beside the attention load) only: no attention figures, no "
+                        "decode steps; combine with earlier runs through --merge")
+    p.add_argument("--no-attention-load", action="store_true",
+                   help="skip prefill beside an attention load at the rest of the SMs")
     p.add_argument("--merge", nargs="+", default=None, metavar="RUNS_JSON",
                    help="no GPU: build the profiles from profile_runs.json files of earlier runs (e.g. shares "
-                        "measured in separate calls), or <out>/runs/share*.json files")
+                        "measured in separate calls), or <out>/runs/share*.json files; a later file's figures "
+                        "replace an earlier's for the same share and shape, the others are kept")
 
 
 def main(a: argparse.Namespace) -> int:
@@ -278,9 +358,7 @@ def main(a: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if a.merge:
         loaded = [json.loads(Path(f).read_text()) for f in a.merge]
-        runs = [r for x in loaded for r in (x if isinstance(x, list) else [x])]
-        runs = sorted({r["share"]: r for r in runs}.values(), key=lambda r: r["share"])
-        return _write(runs, a.shapes, out)
+        return _write(merge_runs([r for x in loaded for r in (x if isinstance(x, list) else [x])]), a.shapes, out)
     # 100 % first: it also measures the copy bandwidth and the decode steps the profile needs
     shares = [100] + sorted(set(a.shares) - {100})
     runs = []
@@ -295,7 +373,8 @@ def main(a: argparse.Namespace) -> int:
                        "CUDA_VISIBLE_DEVICES": str(a.gpu)}
                 code = ("import sys, json; from adrenaline_py.bench_profile import child_main; "
                         "child_main(*json.loads(sys.argv[1]))")
-                args = [share, a.shapes, a.prompt_lens, a.batches if share == 100 else [], str(path)]
+                args = [share, a.shapes, a.prompt_lens, a.batches if share == 100 and not a.prefill_only else [],
+                        str(path), not a.prefill_only, not a.no_attention_load]
                 proc = subprocess.run([sys.executable, "-c", code, json.dumps(args)], env=env, check=False)
                 if proc.returncode or not path.exists():
                     print(f"share {share}%: the profiling process failed (exit {proc.returncode})", flush=True)
@@ -304,7 +383,29 @@ def main(a: argparse.Namespace) -> int:
         finally:
             daemon.stop()
     Path(out, "profile_runs.json").write_text(json.dumps(runs, indent=1))
+    if a.prefill_only:
+        print(f"prefill only: runs in {out / 'profile_runs.json'}; build profiles with --merge <earlier runs> "
+              "<these runs>", flush=True)
+        return 0
     return _write(runs, a.shapes, out)
+
+
+def merge_runs(runs: list[dict]) -> list[dict]:
+    """One run per share: later runs' figures replace earlier ones per (share, shape, figure; prefill
+    figures per prompt length), the rest is kept (e.g. prefill re-measured beside an attention load
+    over a full earlier profile)."""
+    by_share: dict[int, dict] = {}
+    for r in runs:
+        base = by_share.setdefault(r["share"], {**r, "shapes": {}})
+        base.update({k: v for k, v in r.items() if k != "shapes"})
+        for shape, figures in r["shapes"].items():
+            kept = base["shapes"].setdefault(shape, {})
+            for name, value in figures.items():
+                if name.startswith("prefill") and isinstance(kept.get(name), list):  # per prompt length
+                    value = list({p["prompt_len"]: p for p in [*kept[name], *value]}.values())
+                    value.sort(key=lambda p: p["prompt_len"])
+                kept[name] = value
+    return [by_share[s] for s in sorted(by_share)]
 
 
 def _write(runs: list[dict], shapes: list[str], out: Path) -> int:

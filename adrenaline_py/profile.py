@@ -24,6 +24,9 @@ layout under ``$ADRENALINE_PROFILE_DIR``, which is searched first (`find`). Sche
          # capped at sm_share % of the SMs (CUDA MPS), sm_share in 1..100, unique
      "prefill": [{"sm_share": 30, "prompt_len": 512, "ms": 40.1}, ...],
          # prefill latency (ms) of ONE prompt of prompt_len tokens at sm_share %; unique pairs
+     "prefill_loaded": [{"sm_share": 30, "prompt_len": 512, "ms": 75.3}, ...],
+         # optional: the same beside an attention load (decode attention without pause in another
+         # MPS client at 100 - sm_share %), as prefill runs beside a working executor
      "decode_step": [{"batch": 64, "context": 1024, "ms": 13.9, "dense_ms": 8.1}, ...]
          # the all-local decode step (ms) of `batch` requests at `context` tokens each, at 100 %,
          # and dense_ms, the same step without attention; either may be null (not measured);
@@ -50,8 +53,10 @@ The rules the paper gives, with the exact definitions used here:
   that prefill could not keep up with under load (docs/performance.md, ninth run). Given the
   prompt tokens per second the deployment is planned for (``--prompt-tokens-per-s``),
   `smallest_prefill_share_for_load` is the smallest profiled share at which prefill is busy at
-  most PREFILL_MAX_LOAD of the time, its cost per token read from the longest pass; the share
-  in force is the larger of the two rules.
+  most a given fraction of the time, its cost per token read from the longest pass; the share
+  in force is the larger of the two rules. With ``prefill_loaded`` figures the rule reads them
+  (prefill beside a working executor; at most PREFILL_MAX_LOAD_BESIDE_EXECUTOR busy, among the
+  shares measured that way); without, the figures of prefill alone (at most PREFILL_MAX_LOAD).
 - `offload_bound`: OB = min(OB_mem, OB_comp).
   OB_mem = min(HBM_p / HBM_d, BW_p / BW_d): HBM_p, HBM_d are the KV capacities of the executor's
   and decode's pools (blocks; both pools have the same block size and dtype), BW_p the attention
@@ -101,6 +106,10 @@ MIN_EXECUTOR_SHARE = 10
 #: (llama-2-7b, ShareGPT lengths at 60 req/s, two H200s): 0.84 by the profile at a 10 % share
 #: overloaded prefill (TTFT p50 10.8 s and growing), 0.39 at 20 % held it (TTFT p99 1.25 s).
 PREFILL_MAX_LOAD = 0.5
+#: the same for figures of prefill beside an attention load (``prefill_loaded``), which already
+#: carry the executor's interference: what remains is the queue (an M/D/1 queue at 0.8 waits two
+#: service times on average).
+PREFILL_MAX_LOAD_BESIDE_EXECUTOR = 0.8
 
 
 class ProfileError(ValueError):
@@ -257,6 +266,7 @@ class Profile:
     attention: tuple[AttentionPoint, ...]
     prefill: tuple[PrefillPoint, ...]
     decode_step: tuple[StepPoint, ...]
+    prefill_loaded: tuple[PrefillPoint, ...] = ()  # beside an attention load at the rest of the SMs
     num_sms: int | None = None
     memory_gib: float | None = None
     date: str | None = None
@@ -281,12 +291,18 @@ class Profile:
             attention.append(AttentionPoint(_number(e, "sm_share", w, integer=True, high=100),
                                             float(_number(e, "gbs", w))))
         _unique([(a.sm_share,) for a in attention], "attention sm_share", where)
-        prefill = []
-        for i, e in enumerate(_entries(d, "prefill", where, non_empty=False)):
-            w = f"{where}: prefill[{i}]"
-            prefill.append(PrefillPoint(_number(e, "sm_share", w, integer=True, high=100),
-                                        _number(e, "prompt_len", w, integer=True), float(_number(e, "ms", w))))
-        _unique([(p.sm_share, p.prompt_len) for p in prefill], "prefill (sm_share, prompt_len)", where)
+        curves: dict[str, list[PrefillPoint]] = {}
+        for key in ("prefill", "prefill_loaded"):
+            if key == "prefill_loaded" and d.get(key) is None:
+                curves[key] = []
+                continue
+            points = curves[key] = []
+            for i, e in enumerate(_entries(d, key, where, non_empty=False)):
+                w = f"{where}: {key}[{i}]"
+                points.append(PrefillPoint(_number(e, "sm_share", w, integer=True, high=100),
+                                           _number(e, "prompt_len", w, integer=True), float(_number(e, "ms", w))))
+            _unique([(p.sm_share, p.prompt_len) for p in points], f"{key} (sm_share, prompt_len)", where)
+        prefill, loaded = curves["prefill"], curves["prefill_loaded"]
         steps = []
         for i, e in enumerate(_entries(d, "decode_step", where, non_empty=False)):
             w = f"{where}: decode_step[{i}]"
@@ -301,6 +317,7 @@ class Profile:
             dtype=_string(d, "dtype", where), block_size=_number(d, "block_size", where, integer=True),
             attention=tuple(sorted(attention, key=lambda a: a.sm_share)),
             prefill=tuple(sorted(prefill, key=lambda p: (p.sm_share, p.prompt_len))),
+            prefill_loaded=tuple(sorted(loaded, key=lambda p: (p.sm_share, p.prompt_len))),
             decode_step=tuple(sorted(steps, key=lambda s: (s.context, s.batch))),
             num_sms=_number(d, "num_sms", where, integer=True, optional=True),
             memory_gib=None if memory is None else float(memory),
@@ -329,19 +346,20 @@ class Profile:
             return ys[0] * share / xs[0]  # no SMs, no bandwidth
         return _interp(xs, ys, share, extend_high=False)
 
-    def _prefill_curve(self, share: int) -> tuple[list[int], list[float]]:
-        pts = [p for p in self.prefill if p.sm_share == share]
+    def _prefill_curve(self, share: int, loaded: bool = False) -> tuple[list[int], list[float]]:
+        pts = [p for p in (self.prefill_loaded if loaded else self.prefill) if p.sm_share == share]
         return [p.prompt_len for p in pts], [p.ms for p in pts]
 
-    def prefill_shares(self) -> list[int]:
-        return sorted({p.sm_share for p in self.prefill})
+    def prefill_shares(self, loaded: bool = False) -> list[int]:
+        return sorted({p.sm_share for p in (self.prefill_loaded if loaded else self.prefill)})
 
-    def prefill_ms(self, share: float, prompt_len: int) -> float:
-        """Latency (ms) of prefilling one prompt of ``prompt_len`` tokens at an SM share (%)."""
-        shares = self.prefill_shares()
+    def prefill_ms(self, share: float, prompt_len: int, loaded: bool = False) -> float:
+        """Latency (ms) of prefilling one prompt of ``prompt_len`` tokens at an SM share (%), alone on
+        the GPU or (``loaded``) beside an attention load at the rest of the SMs."""
+        shares = self.prefill_shares(loaded)
         if not shares:
-            raise ValueError(f"{self.source}: no prefill figures")
-        at = {s: _interp(*self._prefill_curve(s), prompt_len, extend_high=True) for s in shares}
+            raise ValueError(f"{self.source}: no prefill figures" + (" beside an attention load" if loaded else ""))
+        at = {s: _interp(*self._prefill_curve(s, loaded), prompt_len, extend_high=True) for s in shares}
         return _interp(shares, [at[s] for s in shares], share, extend_high=False)
 
     def _step_rows(self, field: str) -> dict[int, tuple[list[int], list[float]]]:
@@ -384,16 +402,30 @@ class Profile:
                 return share
         return None
 
+    @property
+    def load_rule_beside_executor(self) -> bool:
+        """Whether the prompt-load rule reads figures of prefill beside an attention load."""
+        return bool(self.prefill_loaded)
+
+    @property
+    def prefill_max_load(self) -> float:
+        """The busy fraction the prompt-load rule allows with the figures it reads."""
+        return PREFILL_MAX_LOAD_BESIDE_EXECUTOR if self.load_rule_beside_executor else PREFILL_MAX_LOAD
+
     def prefill_load(self, share: int, prompt_tokens_per_s: float, pass_tokens: int) -> float:
         """Fraction of time prefill is busy at ``share`` % with ``prompt_tokens_per_s`` prompt tokens
-        arriving, each token costing what it costs in a ``pass_tokens``-token pass."""
-        return prompt_tokens_per_s * self.prefill_ms(share, pass_tokens) / pass_tokens / 1000.0
+        arriving, each token costing what it costs in a ``pass_tokens``-token pass (beside an
+        attention load when the profile has those figures)."""
+        loaded = self.load_rule_beside_executor
+        return prompt_tokens_per_s * self.prefill_ms(share, pass_tokens, loaded) / pass_tokens / 1000.0
 
     def smallest_prefill_share_for_load(self, prompt_tokens_per_s: float, pass_tokens: int,
-                                        max_load: float = PREFILL_MAX_LOAD) -> int | None:
-        """The smallest profiled share at which prefill is busy at most ``max_load`` of the time."""
-        for share in self.prefill_shares():
-            if self.prefill_load(share, prompt_tokens_per_s, pass_tokens) <= max_load:
+                                        max_load: float | None = None) -> int | None:
+        """The smallest profiled share at which prefill is busy at most ``max_load`` of the time
+        (default `prefill_max_load`)."""
+        limit = self.prefill_max_load if max_load is None else max_load
+        for share in self.prefill_shares(self.load_rule_beside_executor):
+            if self.prefill_load(share, prompt_tokens_per_s, pass_tokens) <= limit:
                 return share
         return None
 
@@ -530,7 +562,7 @@ def resolve_sm_shares(engine: EngineConfig, profile: Profile | None) -> tuple[in
     Given both: as given. Given one: the other gets the rest of 100. Neither: with a profile and a
     TTFT SLO and/or a planned prompt load (``prompt_tokens_per_s``), prefill gets the larger of the
     smallest profiled share that meets the SLO for a prompt of `prefill_pass_tokens` tokens and the
-    smallest that keeps prefill busy at most PREFILL_MAX_LOAD of the time at that load (at most
+    smallest that keeps prefill busy at most `Profile.prefill_max_load` of the time at that load (at most
     100 − MIN_EXECUTOR_SHARE), and the executor the rest; otherwise the defaults (40/60,
     config.DEFAULT_*_SM_SHARE).
     """
@@ -565,11 +597,13 @@ def resolve_sm_shares(engine: EngineConfig, profile: Profile | None) -> tuple[in
     if load is not None:
         share = profile.smallest_prefill_share_for_load(load, tokens)
         shares.append(cap if share is None else share)
+        limit = profile.prefill_max_load
+        beside = " beside the executor" if profile.load_rule_beside_executor else " (profiled alone)"
         reasons.append(f"{load:g} prompt tokens/s: " + (
-            f"no profiled share keeps prefill busy at most {PREFILL_MAX_LOAD:g} of the time: all but the executor's "
-            "minimum" if share is None else
-            f"{share}% keeps prefill busy {profile.prefill_load(share, load, tokens):.2f} of the time "
-            f"(at most {PREFILL_MAX_LOAD:g})"))
+            f"no profiled share keeps prefill{beside} busy at most {limit:g} of the time: all but the "
+            "executor's minimum" if share is None else
+            f"{share}% keeps prefill{beside} busy {profile.prefill_load(share, load, tokens):.2f} of the time "
+            f"(at most {limit:g})"))
     share = min(max(shares), cap)
     capped = " (capped: the executor keeps its minimum)" if max(shares) > cap else ""
     asks = reasons[0] if len(reasons) == 1 else "the larger of what each asks: " + "; ".join(reasons)

@@ -391,3 +391,41 @@ def test_profile_of_another_dtype_is_not_used(tmp_path):
 def test_cuda_engine_needs_gpu_figures():
     with pytest.raises(ValueError, match="needs the model's shape and the GPUs' memory"):
         resolve_engine(engine(device="cuda"))
+
+
+# Prefill beside an attention load: the 2048-token pass costs 480 / 240 ms at 30 / 60 % (2 × alone)
+LOADED = [{"sm_share": 30, "prompt_len": 512, "ms": 120.0}, {"sm_share": 30, "prompt_len": 2048, "ms": 480.0},
+          {"sm_share": 60, "prompt_len": 512, "ms": 60.0}, {"sm_share": 60, "prompt_len": 2048, "ms": 240.0}]
+
+
+@pytest.mark.parametrize("load, shares", [
+    (3000.0, (30, 70)),    # beside the load 3000 × 480 / 2048 ms = 0.70 busy at 30 % (at most 0.8)
+    (4000.0, (60, 40)),    # 0.94 at 30 %, 0.47 at 60 % (alone, 30 % would have been 0.47: the old answer)
+    (8000.0, (90, 10)),    # 0.94 even at 60 %, the largest share measured beside the load
+])
+def test_planned_prompt_load_reads_prefill_beside_the_executor_when_profiled(load, shares):
+    prof = Profile.from_dict(variant(prefill_loaded=copy.deepcopy(LOADED)), "synthetic")
+    assert prof.load_rule_beside_executor and prof.prefill_max_load == 0.8
+    assert prof.prefill_ms(30, 2048, loaded=True) == 480.0 and prof.prefill_ms(30, 2048) == 240.0
+    p, x, why = resolve_sm_shares(engine(prompt_tokens_per_s=load), prof)
+    assert (p, x) == shares
+    assert "beside the executor" in why
+
+
+def test_the_ttft_rule_keeps_reading_prefill_alone(prof):
+    loaded = Profile.from_dict(variant(prefill_loaded=copy.deepcopy(LOADED)), "synthetic")
+    for ttft in (250.0, 150.0, 100.0):
+        assert resolve_sm_shares(engine(ttft_slo_ms=ttft), loaded)[:2] == resolve_sm_shares(engine(ttft_slo_ms=ttft),
+                                                                                           prof)[:2]
+
+
+def test_profile_without_loaded_figures_keeps_the_alone_rule(prof):
+    assert not prof.load_rule_beside_executor and prof.prefill_max_load == 0.5
+    assert "(profiled alone)" in resolve_sm_shares(engine(prompt_tokens_per_s=4000.0), prof)[2]
+
+
+def test_bad_loaded_prefill_entries_are_named():
+    with pytest.raises(ProfileError, match=r"prefill_loaded\[0\]: missing 'ms'"):
+        Profile.from_dict(variant(prefill_loaded=[{"sm_share": 30, "prompt_len": 512}]), "synthetic")
+    with pytest.raises(ProfileError, match="prefill_loaded"):
+        Profile.from_dict(variant(prefill_loaded=[LOADED[0], LOADED[0]]), "synthetic")

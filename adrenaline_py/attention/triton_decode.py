@@ -244,8 +244,9 @@ def default_config(
     partition per (sequence, KV head): splitting the context only added partial-output traffic and
     the merge kernel once batch x KV heads >= 128 programs. On the H200, 64-token tiles, 4 warps,
     3 stages were best or within 2 % of it at every share from four programs per SM (3-10 % over
-    32-token tiles; the H100 sweep had preferred 32); with two to four, 32-token tiles are. The context is split only when there are too few (sequence, KV head)
-    pairs to occupy the SMs (batch 16 at 4K ran 1.4x slower unsplit than split in 512-token
+    32-token tiles; the H100 sweep had preferred 32); with two to four, 32-token tiles are (H200
+    sweep, 2026-12-01). The context is split only when there are too few (sequence, KV head) pairs
+    to occupy the SMs (batch 16 at 4K ran 1.4x slower unsplit than split in 512-token
     partitions); ``num_sms`` is what this process gets (its MPS share).
     """
     block_n = max(64, page)
