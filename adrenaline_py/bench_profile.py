@@ -312,7 +312,7 @@ def report(profiles: list[dict], runs: list[dict]) -> str:
             lens = sorted({x["prompt_len"] for x in p["prefill_loaded"]})
             lines += ["", f"## {p['shape']}: prefill latency (ms, one prompt) beside an attention load at the rest "
                       "of the SMs", "",
-                      "| SM share | " + " | ".join(f"{n} tokens" for n in lens) + " | alone / beside (longest) |",
+                      "| SM share | " + " | ".join(f"{n} tokens" for n in lens) + " | beside / alone (longest) |",
                       "|---:|" + "---:|" * (len(lens) + 1)]
             alone = {(x["sm_share"], x["prompt_len"]): x["ms"] for x in p["prefill"]}
             for share in sorted({x["sm_share"] for x in p["prefill_loaded"]}):

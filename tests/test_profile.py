@@ -399,13 +399,13 @@ LOADED = [{"sm_share": 30, "prompt_len": 512, "ms": 120.0}, {"sm_share": 30, "pr
 
 
 @pytest.mark.parametrize("load, shares", [
-    (3000.0, (30, 70)),    # beside the load 3000 × 480 / 2048 ms = 0.70 busy at 30 % (at most 0.8)
+    (2500.0, (30, 70)),    # beside the load 2500 × 480 / 2048 ms = 0.59 busy at 30 % (at most 0.6)
     (4000.0, (60, 40)),    # 0.94 at 30 %, 0.47 at 60 % (alone, 30 % would have been 0.47: the old answer)
     (8000.0, (90, 10)),    # 0.94 even at 60 %, the largest share measured beside the load
 ])
 def test_planned_prompt_load_reads_prefill_beside_the_executor_when_profiled(load, shares):
     prof = Profile.from_dict(variant(prefill_loaded=copy.deepcopy(LOADED)), "synthetic")
-    assert prof.load_rule_beside_executor and prof.prefill_max_load == 0.8
+    assert prof.load_rule_beside_executor and prof.prefill_max_load == 0.6
     assert prof.prefill_ms(30, 2048, loaded=True) == 480.0 and prof.prefill_ms(30, 2048) == 240.0
     p, x, why = resolve_sm_shares(engine(prompt_tokens_per_s=load), prof)
     assert (p, x) == shares
