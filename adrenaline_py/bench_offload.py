@@ -235,7 +235,6 @@ def _case_line(c: Case) -> str:
     ms = f"{c.step_ms:.2f} ms" if c.step_ms is not None else c.note
     if c.overlapped_ms is not None:
         ms += f", overlapped {c.overlapped_ms:.2f} ms"
-
     return f"{c.shape} batch {c.batch} context {c.context} {c.mode} ({c.num_local} local + {c.num_offloaded}): {ms}"
 
 
