@@ -25,6 +25,7 @@ On CPU (``--device cpu``) the same code runs eagerly with the torch backend: a s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -104,21 +105,30 @@ def _timer(device: torch.device):
 
 
 def overlapped_step_ms(launch: Callable[[Any], Any], collect: Callable[[Any], object], steps: int = 30,
-                       repeats: int = 5) -> float:
+                       repeats: int = 5, drop: Callable[[Any], object] | None = None) -> float:
     """Milliseconds per step when each step is launched before the previous one's tokens reach the
     host, as the decode loop runs them (`DecodeEngine._step_overlapped`): ``launch(pending)`` enqueues
     step N+1 (``pending`` = step N, None for the first) and returns it, then ``collect(N)`` waits for
     N's tokens. The median over ``repeats`` runs of ``steps`` steps, after one run of warm-up; each
-    run ends by collecting its last step, so it pays one step's host work that nothing hides."""
+    run ends by collecting its last step, so it pays one step's host work that nothing hides.
+    If a launch or a collect raises, ``drop`` (if given) waits out the steps still in flight, so
+    that nothing stays registered with the transport, and the error is raised."""
     def one_run() -> float:
         t0 = time.perf_counter()
-        pending = None
-        for _ in range(steps):
-            launched = launch(pending)
-            if pending is not None:
-                collect(pending)
-            pending = launched
-        collect(pending)
+        in_flight: list[Any] = []  # launched, not yet collected, oldest first
+        try:
+            for _ in range(steps):
+                in_flight.append(launch(in_flight[-1] if in_flight else None))
+                if len(in_flight) == 2:
+                    collect(in_flight[0])
+                    in_flight.pop(0)
+            collect(in_flight[0])
+            in_flight.pop(0)
+        except BaseException:
+            for step in in_flight if drop is not None else ():
+                with contextlib.suppress(Exception):
+                    drop(step)
+            raise
         return (time.perf_counter() - t0) * 1e3 / steps
 
     one_run()

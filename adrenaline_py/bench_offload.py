@@ -204,7 +204,8 @@ def run_shape(shape: str, batches: list[int], contexts: list[int], modes: list[s
                             case.step_ms = statistics.median(times)
                             # as the decode loop runs them: step N+1 launched before N's tokens are read
                             case.overlapped_ms = overlapped_step_ms(
-                                lambda pending, plan=plan: runner.launch(plan, pending), runner.collect, steps=steps)
+                                lambda pending, plan=plan: runner.launch(plan, pending), runner.collect, steps=steps,
+                                drop=runner.drop)
                             if profile == (b, c, mode):  # decode's kernels, the exchange's waits among them
                                 case.profile = kernel_profile(lambda plan=plan: runner.run(plan), device, top=25)
                             if (runner.two_batch_steps > cut) != (mode in CUT_MODES):
@@ -308,6 +309,9 @@ def main(a: argparse.Namespace) -> int:
     os.environ.update(NCCL_ENV)
     if a.prefill_gpu == a.decode_gpu:
         raise ValueError("bench offload measures the two-GPU layout: --prefill-gpu and --decode-gpu must differ")
+    profile = (int(a.profile[0]), int(a.profile[1]), a.profile[2]) if a.profile else None
+    if profile and (profile[0] not in a.batches or profile[1] not in a.contexts or profile[2] not in a.modes):
+        raise ValueError(f"--profile {' '.join(a.profile)}: not a case of --batches, --contexts and --modes")
     out = a.out or os.environ.get("OUT")
     text = [f"# adrenaline bench offload — {datetime.date.today().isoformat()}", ""]
     if a.handoff:  # its own processes and MPS daemon: before this process touches CUDA
@@ -326,7 +330,6 @@ def main(a: argparse.Namespace) -> int:
             daemon.start()
             os.environ.update(daemon.env)  # the decode and executor children become MPS clients
         all_cases, infos = [], {}
-        profile = (int(a.profile[0]), int(a.profile[1]), a.profile[2]) if a.profile else None
         try:
             ctx = mp.get_context("spawn")
             for shape in a.shapes:

@@ -49,10 +49,11 @@ DENSE_CONTEXT = 16
 ATTENTION_CASES = ((64, 1024), (128, 2048), (256, 1024), (64, 4096))
 TUNE_CASE = (128, 2048)
 PAGE = 16
-# the attention load beside prefill: llama-2-7b's heads, one layer's K/V of 128 requests × 2048
-# tokens (4.3 GB, far beyond L2), the decode kernel launched without pause
-LOAD_HEADS = (32, 32, 128)
+# the attention load beside prefill: the profiled shape's heads, one layer's K/V of 128 requests ×
+# 2048 tokens (4.3 GB for llama-2-7b, 1.1 GB for llama-3.1-8b: beyond L2), the decode kernel
+# launched without pause
 LOAD_CASE = (128, 2048)
+LOAD_READY_S = 300  # the load's start (a Triton compile with an empty cache) before the profile gives up
 
 
 def gpu_slug(name: str) -> str:
@@ -182,17 +183,20 @@ def _decode_steps(shape: str, dtype, device, batches) -> list[dict]:
     return rows
 
 
-def attention_load_main() -> None:
+def attention_load_main(shape: str) -> None:
     """The attention load beside prefill (its own MPS client; its share set by the caller): the decode
-    kernel on random paged K/V, launched without pause until the process is terminated. Prints
-    ``ready`` once the kernel has run."""
+    kernel on random paged K/V with ``shape``'s heads, launched without pause until the process is
+    terminated or its parent exits. Prints ``ready`` once the kernel has run."""
     import torch
 
     from adrenaline_py.attention.triton_decode import paged_decode_attention_triton
+    from adrenaline_py.loader import load_checkpoint
 
+    parent = os.getppid()
     device = torch.device("cuda", 0)
     torch.cuda.set_device(device)
-    hq, hkv, d = LOAD_HEADS
+    cfg = load_checkpoint(f"dummy:{shape}", with_weights=False).config
+    hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     batch, ctx = LOAD_CASE
     nb = math.ceil(ctx / PAGE)
     gen = torch.Generator(device=device).manual_seed(3)
@@ -205,24 +209,32 @@ def attention_load_main() -> None:
     paged_decode_attention_triton(q, k, v, tables, lens, ctx, out=out)
     torch.cuda.synchronize(device)
     print("ready", flush=True)
-    while True:
+    while os.getppid() == parent:  # a profiling child killed hard leaves no load behind
         for _ in range(20):
             paged_decode_attention_triton(q, k, v, tables, lens, ctx, out=out)
         torch.cuda.synchronize(device)  # a bounded queue: the load stops soon after it is terminated
 
 
-def _with_attention_load(share: int, fn):
-    """``fn()`` while an attention load runs at the rest of the SMs (100 − share %)."""
+def _with_attention_load(share: int, shape: str, fn):
+    """``fn()`` while an attention load of ``shape`` runs at the rest of the SMs (100 − share %)."""
+    import select
+
     env = {**os.environ, "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": str(100 - share)}
-    code = "from adrenaline_py.bench_profile import attention_load_main; attention_load_main()"
+    code = f"from adrenaline_py.bench_profile import attention_load_main; attention_load_main({shape!r})"
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
     try:
-        if proc.stdout.readline().strip() != "ready":
-            raise RuntimeError(f"the attention load did not start (exit {proc.poll()})")
+        ready, _, _ = select.select([proc.stdout], [], [], LOAD_READY_S)
+        if not ready or proc.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"the attention load did not start within {LOAD_READY_S} s (exit {proc.poll()})")
         return fn()
     finally:
         proc.terminate()
-        proc.wait(30)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(30)
+        proc.stdout.close()
 
 
 def child_main(share: int, shapes: list[str], prompt_lens, batches, out_path: str, attention: bool = True,
@@ -253,9 +265,15 @@ def child_main(share: int, shapes: list[str], prompt_lens, batches, out_path: st
         print(f"share {share}% {shape}: prefill " + ", ".join(f"{p['prompt_len']}: {p['ms']:.1f} ms"
                                                              for p in r["prefill"]), flush=True)
         if beside_load and share < 100:
-            r["prefill_loaded"] = _with_attention_load(share, lambda s=shape: _prefill(s, dtype, device, prompt_lens))
-            print(f"share {share}% {shape}: prefill beside the attention load " + ", ".join(
-                f"{p['prompt_len']}: {p['ms']:.1f} ms" for p in r["prefill_loaded"]), flush=True)
+            try:
+                r["prefill_loaded"] = _with_attention_load(
+                    share, shape, lambda s=shape: _prefill(s, dtype, device, prompt_lens))
+                print(f"share {share}% {shape}: prefill beside the attention load " + ", ".join(
+                    f"{p['prompt_len']}: {p['ms']:.1f} ms" for p in r["prefill_loaded"]), flush=True)
+            except Exception as e:  # the figures measured so far stay; the note says what is missing
+                r["prefill_loaded_error"] = f"{type(e).__name__}: {e}"
+                print(f"share {share}% {shape}: prefill beside the attention load failed: {e}", flush=True)
+                torch.cuda.empty_cache()
         if batches:
             r["decode_step"] = _decode_steps(shape, dtype, device, batches)
         res["shapes"][shape] = r
@@ -270,7 +288,8 @@ def _profile_of(shape: str, runs: list[dict]) -> dict:
     full = next(r for r in runs if r["share"] == max(x["share"] for x in runs))
     att = [{"sm_share": r["share"], "gbs": r["shapes"][shape]["attention"]["gbs"],
             "default_gbs": r["shapes"][shape]["attention"]["default_gbs"],
-            "config": r["shapes"][shape]["attention"]["best_config"]} for r in runs]
+            "config": r["shapes"][shape]["attention"]["best_config"]}
+           for r in runs if "attention" in r["shapes"].get(shape, {})]  # prefill-only shares have none
     prefill = [{"sm_share": r["share"], **p} for r in runs for p in r["shapes"][shape]["prefill"]]
     loaded = [{"sm_share": r["share"], **p} for r in runs for p in r["shapes"][shape].get("prefill_loaded", [])]
     return {
@@ -368,7 +387,9 @@ def main(a: argparse.Namespace) -> int:
         daemon.start()
         try:
             for share in shares:
-                path = Path(out, "runs", f"share{share}.json")  # each share kept as soon as it is measured
+                # each share kept as soon as it is measured; prefill-only runs under names of their own,
+                # so that they never replace the full runs they are to be merged with
+                path = Path(out, "runs", f"{'prefill-' if a.prefill_only else ''}share{share}.json")
                 env = {**os.environ, **daemon.env, "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": str(share),
                        "CUDA_VISIBLE_DEVICES": str(a.gpu)}
                 code = ("import sys, json; from adrenaline_py.bench_profile import child_main; "
@@ -382,11 +403,12 @@ def main(a: argparse.Namespace) -> int:
                 runs.append(json.loads(path.read_text()))
         finally:
             daemon.stop()
-    Path(out, "profile_runs.json").write_text(json.dumps(runs, indent=1))
     if a.prefill_only:
-        print(f"prefill only: runs in {out / 'profile_runs.json'}; build profiles with --merge <earlier runs> "
-              "<these runs>", flush=True)
+        Path(out, "prefill_runs.json").write_text(json.dumps(runs, indent=1))
+        print(f"prefill only: runs in {out / 'prefill_runs.json'}; build profiles with --merge <earlier "
+              "profile_runs.json> <these runs>", flush=True)
         return 0
+    Path(out, "profile_runs.json").write_text(json.dumps(runs, indent=1))
     return _write(runs, a.shapes, out)
 
 

@@ -1,5 +1,6 @@
 """The per-kernel model of a decode step (`adrenaline bench engine`), against the model itself."""
 
+import pytest
 import torch
 
 from adrenaline_py.bench import (
@@ -59,3 +60,18 @@ def test_overlapped_timing_launches_each_step_before_reading_the_last_and_reads_
         assert run == [("launch", first, None), ("launch", first + 1, first), ("collect", first),
                        ("launch", first + 2, first + 1), ("collect", first + 1),
                        ("launch", first + 3, first + 2), ("collect", first + 2), ("collect", first + 3)]
+
+
+def test_overlapped_timing_waits_out_the_steps_in_flight_when_a_step_fails():
+    launched, dropped = [], []
+
+    def launch(pending):
+        if len(launched) == 3:
+            raise RuntimeError("executor gone")
+        launched.append(len(launched))
+        return launched[-1]
+
+    with pytest.raises(RuntimeError, match="executor gone"):
+        overlapped_step_ms(launch, lambda n: None, steps=5, repeats=1, drop=dropped.append)
+    # steps 0 and 1 were collected; step 2 was in flight when launching step 3 failed
+    assert dropped == [2]
