@@ -46,7 +46,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prompt-tokens-per-s", type=float, default=d.prompt_tokens_per_s,
                    help="prompt tokens per second the deployment is planned for (request rate x mean prompt "
                         "length; `bench serve` prints it as input_throughput): with a profile, prefill gets at "
-                        "least the share at which it is busy at most half the time")
+                        "least the share at which the profile says it is busy at most 0.6 of the time beside the "
+                        "executor (0.5 for profiles of prefill alone)")
     g.add_argument("--tpot-slo", type=float, default=d.tpot_slo_ms,
                    help="time-per-output-token SLO in ms: with a profile, the compute bound OB_comp of auto")
     g = p.add_argument_group("capacity")
