@@ -109,6 +109,7 @@ def test_decode_matches_reference(dtype, page, heads, d):
         DecodeKernelConfig(partition=1024, block_n=128, num_warps=8, num_stages=3, use_dot=True),
         DecodeKernelConfig(partition=4096, block_n=64, num_warps=4, num_stages=3, use_dot=True),  # single pass
         DecodeKernelConfig(partition=4096, block_n=32, num_warps=4, num_stages=3, use_dot=True),  # 2-4 per SM
+        DecodeKernelConfig(partition=4096, block_n=32, num_warps=2, num_stages=3, use_dot=True),  # >= 4 per SM
         DecodeKernelConfig(partition=256, block_n=32, num_warps=4, num_stages=2, use_dot=False),
     ],
     ids=lambda c: f"p{c.partition}-n{c.block_n}-w{c.num_warps}-s{c.num_stages}-{'dot' if c.use_dot else 'sum'}",
