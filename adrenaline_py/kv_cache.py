@@ -238,8 +238,11 @@ MIB = 1 << 20
 GIB = 1 << 30
 #: per process with a CUDA context on a GPU: the context, loaded kernels (torch, Triton), cuBLAS workspace
 CONTEXT_RESERVE_BYTES = 1 * GIB
-#: CUDA graphs of decode (one memory pool shared by every bucket) or of the executor, beyond activations
+#: CUDA graphs of the executor, or at least of decode (one memory pool shared by every bucket), beyond activations
 GRAPH_RESERVE_BYTES = 512 * MIB
+#: per decode graph, beyond activations: 676 graphs of llama-2-7b at --max-decode-batch 768 took
+#: 3.96 GiB on an H200 with 1.93 GiB of activations planned (thirteenth session, docs/performance.md)
+DECODE_GRAPH_BYTES = 3 * MIB
 #: activations are counted this many times: the caching allocator's fragmentation, kernels' workspaces
 ACTIVATION_FACTOR = 2
 #: decode's local recompute after an executor failure prefills packs of at most this many tokens
@@ -367,11 +370,22 @@ def plan_pool_blocks(
     return PoolPlan(blocks["decode"], blocks["executor"], tuple(notes))
 
 
+def _decode_graphs(engine: EngineConfig) -> int:
+    """How many graphs decode captures (none without CUDA graphs)."""
+    if not engine.cuda_graphs:
+        return 0
+    from adrenaline_py.engine.cuda_graphs import decode_graph_keys  # the engine's module: imported when planning
+
+    return len(decode_graph_keys(engine.max_decode_batch, engine.offload != "never", engine.two_batch_overlap != "off",
+                                 engine.two_batch_min_rows))
+
+
 def _fixed_costs(model: ModelConfig, engine: EngineConfig, elem: int, one_process: bool) -> dict[tuple[int, str], int]:
     """Bytes by (GPU, what) that are not KV pools.
 
     - decode (GPU D): its CUDA context, the weights, activations of the larger of a decode step of
-      max_decode_batch rows and a recompute pack of RECOMPUTE_PACK_TOKENS tokens, its CUDA graphs,
+      max_decode_batch rows and a recompute pack of RECOMPUTE_PACK_TOKENS tokens, its CUDA graphs
+      (DECODE_GRAPH_BYTES each, at least GRAPH_RESERVE_BYTES),
       and the exchange buffers (max_decode_batch x (2 Hq + 2 Hkv) x D);
     - prefill (GPU P): its context, its own copy of the weights (a process of its own), activations
       of a pack of max_prefill_tokens tokens sampling up to max_decode_batch rows;
@@ -398,7 +412,7 @@ def _fixed_costs(model: ModelConfig, engine: EngineConfig, elem: int, one_proces
     for gpu, n in copies.items():
         add(gpu, f"weights x{n}", n * weights)
     add(d, "decode activations", activation_bytes(model, max(rows, RECOMPUTE_PACK_TOKENS), rows, elem))
-    add(d, "decode graphs", GRAPH_RESERVE_BYTES)
+    add(d, "decode graphs", max(GRAPH_RESERVE_BYTES, DECODE_GRAPH_BYTES * _decode_graphs(engine)))
     add(d, "exchange buffers", exchange)
     add(p, "prefill activations", activation_bytes(model, engine.max_prefill_tokens, rows, elem))
     add(p, "executor graphs", GRAPH_RESERVE_BYTES)

@@ -257,6 +257,20 @@ def test_an_explicit_pool_keeps_its_size_and_the_other_gets_the_rest():
     assert (plan.num_decode_blocks, plan.num_executor_blocks) == (5123 - 1000, 1000)
 
 
+def test_decode_graphs_are_reserved_by_their_count():
+    """3 MiB per decode graph, at least 512 MiB: 66 graphs at 64 rows keep the floor; 676 at 768 rows
+    (2.0 GiB on an H200 beyond activations) take 189 blocks of 8 MiB more than the floor."""
+    small = plan_pool_blocks(LLAMA7B, cuda_engine(prefill_gpu=0, decode_gpu=1), {0: H80, 1: H80}, 0.3)
+    assert "decode graphs 0.50" in small.notes[1]
+    large = plan_pool_blocks(LLAMA7B, cuda_engine(prefill_gpu=0, decode_gpu=1, max_decode_batch=768),
+                             {0: H80, 1: H80}, 0.3)
+    assert "decode graphs 1.98" in large.notes[1]
+    eager = plan_pool_blocks(LLAMA7B, cuda_engine(prefill_gpu=0, decode_gpu=1, max_decode_batch=768, cuda_graphs=False),
+                             {0: H80, 1: H80}, 0.3)
+    assert "decode graphs 0.50" in eager.notes[1]
+    assert eager.num_decode_blocks - large.num_decode_blocks == (676 * 3 - 512) // 8
+
+
 def test_too_little_memory_is_a_clear_error():
     small = GpuMemory(free_bytes=16 * GIB, total_bytes=16 * GIB)
     with pytest.raises(ValueError, match="fewer than one request of max_model_len 4096 needs"):

@@ -10,7 +10,7 @@ from conftest import small_engine_config
 
 from adrenaline_py.attention import DecodeMetadata, TorchAttentionBackend, build_decode_metadata
 from adrenaline_py.config import NAMED_SHAPES, EngineConfig
-from adrenaline_py.engine.cuda_graphs import batch_buckets, graph_keys, offload_buckets
+from adrenaline_py.engine.cuda_graphs import batch_buckets, decode_graph_keys, graph_keys, offload_buckets
 from adrenaline_py.engine.executor import AttentionExecutor
 from adrenaline_py.placement import Placement
 from adrenaline_py.transport import ExchangeBuffers, ExecutorGone, HostTransport, make_transport
@@ -27,7 +27,7 @@ def test_placement_puts_prefill_and_executor_on_the_prefill_gpu_and_decode_on_it
         cpu.device("sampler")
 
 
-@pytest.mark.parametrize("max_batch", [16, 64, 256])
+@pytest.mark.parametrize("max_batch", [16, 64, 256, 768])
 def test_every_step_has_a_graph_and_the_key_count_stays_bounded(max_batch):
     keys = set(graph_keys(max_batch))
     local, remote = [0, *batch_buckets(max_batch)], [0, *offload_buckets(max_batch)]
@@ -39,6 +39,23 @@ def test_every_step_has_a_graph_and_the_key_count_stays_bounded(max_batch):
     assert len(keys) < len(local) * len(remote)  # pairs no step reaches are not captured
     assert all(nb == 0 or nb >= 8 for _, nb in keys)
     assert set(graph_keys(max_batch, offload=False)) == {(b, 0) for b in batch_buckets(max_batch)}
+
+
+def test_steps_of_128_to_768_rows_pad_each_side_by_less_than_32_rows():
+    """Above 128 rows the products are compute-bound and a padding row costs as much as a real one:
+    a bucket every 32 rows (the served knee's 282 local + 257 offloaded rows ran in 320 + 320)."""
+    local, remote = batch_buckets(768), offload_buckets(768)
+    bucket = lambda buckets, n: next(b for b in buckets if b >= n)  # noqa: E731
+    for n in range(128, 769):
+        assert bucket(local, n) - n < 32 and bucket(remote, n) - n < 32, n
+    assert (bucket(local, 282), bucket(remote, 257)) == (288, 288)
+
+
+def test_decode_graph_count_at_768_rows():
+    assert len(graph_keys(768)) == 649
+    assert len(decode_graph_keys(768, offload=True, two_batch=True)) == 649 + 27
+    assert len(decode_graph_keys(768, offload=True, two_batch=True, two_batch_min_rows=128)) == 649 + 27 + 171
+    assert len(decode_graph_keys(768, offload=False, two_batch=True)) == len(batch_buckets(768)) == 31
 
 
 def test_exchange_rows_of_one_qkv_projection_are_copied_as_they_sit(tmp_path):

@@ -17,10 +17,12 @@ no gaps. A graph fixes every shape and pointer, so:
 - how many graphs: decode captures one per *reachable* pair — local buckets ∪ {0} × offloaded
   buckets ∪ {0}, keeping pairs whose smallest step fits ``max_batch`` (`graph_keys`) — plus, with
   the two-batch overlap, one per offloaded bucket from 16 cut in two, and one per pair whose local
-  and offloaded buckets both hold at least ``two_batch_min_rows`` rows cut between them. With
-  max_batch 64 that is 61 + 5 graphs (9 without offloading), with 256 177 + 11 + 3, with 400
-  255 + 14 + 26, with 768 383 + 17 + 87 (two_batch_min_rows 128). All graphs of a
-  process share one memory pool and are captured largest first, so activations take the largest's memory;
+  and offloaded buckets both hold at least ``two_batch_min_rows`` rows cut between them
+  (`decode_graph_keys`). With max_batch 64 that is 61 + 5 graphs (9 without offloading), with 256
+  177 + 11 + 3, with 400 291 + 16 + 28, with 768 649 + 27 + 171 (two_batch_min_rows 128). All graphs
+  of a process share one memory pool and are captured largest first, so activations take the
+  largest's memory; beyond those, 676 graphs took 2.0 GiB and 27.8 s to capture for llama-2-7b on an
+  H200 (400 with the earlier, coarser buckets: 0.5 GiB, 20.4 s; `kv_cache.DECODE_GRAPH_BYTES`);
 - only the layers are captured; the LM head and sampling run after the replay, on the rows in use.
 
 Before a capture each shape is run once (warm-up: Triton compiles, cuBLAS picks kernels) with the
@@ -45,14 +47,15 @@ from adrenaline_py.attention.offload import (
 from adrenaline_py.models.llama import LlamaForCausalLM
 from adrenaline_py.transport import Batch, batch_cuts
 
-# Past 512 rows steps of 1/8 of the bucket: a short-prompt workload (ShareGPT) on an H200 keeps
-# 500-1000 rows in flight, and a 600-row step padded to 1024 would spend 70 % more GEMM rows.
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512,
-                 640, 768, 896, 1024, 1280, 1536, 1792, 2048)
+# A bucket every 32 rows from 128 to 768: a short-prompt workload (ShareGPT) on an H200 keeps
+# 300-770 rows in flight, where the matrix products are compute-bound and every padding row costs
+# as much as a real one (a 539-row step in buckets 320 + 320 ran 101 padding rows, ~1.9 ms of a
+# 27-30 ms step; twelfth session). Past 768 steps of 1/8 of the bucket.
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, *range(128, 768, 32), 768, 896, 1024, 1280, 1536, 1792, 2048)
 # As fine as the local buckets from 8 rows up: decode's dense layers run over both buckets' rows,
 # so a coarse offloaded bucket (143 rows in 256) cost decode a third more GEMM rows (measured on
 # 2xH200, docs/performance.md); the executor's own padding rows exit at once.
-OFFLOAD_BUCKETS = (8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512, 640, 768, 896, 1024)
+OFFLOAD_BUCKETS = (8, 16, 24, 32, 48, 64, 96, *range(128, 768, 32), 768, 896, 1024)
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -75,6 +78,19 @@ def graph_keys(max_batch: int, offload: bool = True) -> list[tuple[int, int]]:
             fewest = (local[i - 1] + 1 if mb else 0) + (remote[j - 1] + 1 if nb else 0)
             if fewest <= max_batch:
                 keys.append((mb, nb))
+    return keys
+
+
+def decode_graph_keys(max_batch: int, offload: bool, two_batch: bool, two_batch_min_rows: int = 0
+                      ) -> list[tuple[int, int, int]]:
+    """Every (local bucket, offloaded bucket, split) decode captures: split = nb // 2 cuts an
+    all-offloaded step in two, split = mb a step into its local and its offloaded rows."""
+    pairs = graph_keys(max_batch, offload)
+    keys = [(mb, nb, 0) for mb, nb in pairs]
+    if offload and two_batch:
+        keys += [(0, nb, nb // 2) for nb in cut_buckets(offload_buckets(max_batch))]
+        if two_batch_min_rows > 0:
+            keys += [(mb, nb, mb) for mb, nb in pairs if min(mb, nb) >= two_batch_min_rows]
     return keys
 
 
@@ -208,15 +224,8 @@ class DecodeGraphs:
         self.max_model_len = max_model_len
         self.local_buckets = batch_buckets(max_batch)
         self.remote_buckets = offload_buckets(max_batch) if offload else []
-        pairs = graph_keys(max_batch, offload)
-        rows = max(mb + nb for mb, nb in pairs)
-        # (local bucket, offloaded bucket, split): split = nb // 2 cuts an all-offloaded step in two,
-        # split = mb a step into its local and its offloaded rows
-        self.keys = [(mb, nb, 0) for mb, nb in pairs]
-        if offload and two_batch:
-            self.keys += [(0, nb, nb // 2) for nb in cut_buckets(self.remote_buckets)]
-            if two_batch_min_rows > 0:
-                self.keys += [(mb, nb, mb) for mb, nb in pairs if min(mb, nb) >= two_batch_min_rows]
+        self.keys = decode_graph_keys(max_batch, offload, two_batch, two_batch_min_rows)
+        rows = max(mb + nb for mb, nb, _ in self.keys)
         # per row: token, position, context length, table row, and the row of the previous step's
         # token tensor that holds this row's token (-1: the token column has it; overlapped steps)
         self.inputs = BatchInputs(rows, [0, 0, 1, rows, -1], -(-max_model_len // self.block_size), self.device)

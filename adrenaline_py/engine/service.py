@@ -5,6 +5,8 @@ Both the `decode` Triton role and the in-process `LocalEngine` run exactly this.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +23,8 @@ from adrenaline_py.models.llama import LlamaForCausalLM
 from adrenaline_py.placement import bind
 from adrenaline_py.tokenizer import Tokenizer
 from adrenaline_py.transport import make_transport
+
+log = logging.getLogger(__name__)
 
 
 class DecodeService:
@@ -43,7 +47,10 @@ class DecodeService:
                               max_batch=engine.max_decode_batch, two_batch=engine.two_batch_overlap,
                               two_batch_min_rows=engine.two_batch_min_rows)
         if runner.graphs is not None:
+            t0, free0 = time.perf_counter(), torch.cuda.mem_get_info(device)[0]
             runner.graphs.capture()
+            log.info("decode: %d CUDA graphs captured in %.1f s, %.2f GiB of GPU memory", runner.graphs.num_graphs,
+                     time.perf_counter() - t0, (free0 - torch.cuda.mem_get_info(device)[0]) / 2**30)
         # the sampler's kernels built now, not under the first sampled request
         sampler.warm_up(model.lm_head.weight.shape[0], model.lm_head.weight.dtype, device)
         self.runner = runner
