@@ -240,9 +240,11 @@ GIB = 1 << 30
 CONTEXT_RESERVE_BYTES = 1 * GIB
 #: CUDA graphs of the executor, or at least of decode (one memory pool shared by every bucket), beyond activations
 GRAPH_RESERVE_BYTES = 512 * MIB
-#: per decode graph, beyond activations: 676 graphs of llama-2-7b at --max-decode-batch 768 took
-#: 3.96 GiB on an H200 with 1.93 GiB of activations planned (thirteenth session, docs/performance.md)
-DECODE_GRAPH_BYTES = 3 * MIB
+#: per decode graph and layer, beyond activations: 676 graphs of llama-2-7b (32 layers) at
+#: --max-decode-batch 768 took 3.96 GiB on an H200 with 1.93 GiB of activations planned, 3.08 MiB a
+#: graph (thirteenth session, docs/performance.md); rounded up, and scaled by the layers (each adds
+#: its kernels to every graph)
+DECODE_GRAPH_BYTES_PER_LAYER = 104 * 1024
 #: activations are counted this many times: the caching allocator's fragmentation, kernels' workspaces
 ACTIVATION_FACTOR = 2
 #: decode's local recompute after an executor failure prefills packs of at most this many tokens
@@ -374,10 +376,10 @@ def _decode_graphs(engine: EngineConfig) -> int:
     """How many graphs decode captures (none without CUDA graphs)."""
     if not engine.cuda_graphs:
         return 0
-    from adrenaline_py.engine.cuda_graphs import decode_graph_keys  # the engine's module: imported when planning
+    from adrenaline_py.engine.cuda_graphs import captures_offloaded_steps, decode_graph_keys  # when planning
 
-    return len(decode_graph_keys(engine.max_decode_batch, engine.offload != "never", engine.two_batch_overlap != "off",
-                                 engine.two_batch_min_rows))
+    return len(decode_graph_keys(engine.max_decode_batch, captures_offloaded_steps(engine),
+                                 engine.two_batch_overlap != "off", engine.two_batch_min_rows))
 
 
 def _fixed_costs(model: ModelConfig, engine: EngineConfig, elem: int, one_process: bool) -> dict[tuple[int, str], int]:
@@ -385,7 +387,7 @@ def _fixed_costs(model: ModelConfig, engine: EngineConfig, elem: int, one_proces
 
     - decode (GPU D): its CUDA context, the weights, activations of the larger of a decode step of
       max_decode_batch rows and a recompute pack of RECOMPUTE_PACK_TOKENS tokens, its CUDA graphs
-      (DECODE_GRAPH_BYTES each, at least GRAPH_RESERVE_BYTES),
+      (DECODE_GRAPH_BYTES_PER_LAYER per graph and layer, at least GRAPH_RESERVE_BYTES),
       and the exchange buffers (max_decode_batch x (2 Hq + 2 Hkv) x D);
     - prefill (GPU P): its context, its own copy of the weights (a process of its own), activations
       of a pack of max_prefill_tokens tokens sampling up to max_decode_batch rows;
@@ -412,7 +414,8 @@ def _fixed_costs(model: ModelConfig, engine: EngineConfig, elem: int, one_proces
     for gpu, n in copies.items():
         add(gpu, f"weights x{n}", n * weights)
     add(d, "decode activations", activation_bytes(model, max(rows, RECOMPUTE_PACK_TOKENS), rows, elem))
-    add(d, "decode graphs", max(GRAPH_RESERVE_BYTES, DECODE_GRAPH_BYTES * _decode_graphs(engine)))
+    graphs = _decode_graphs(engine) * model.num_hidden_layers * DECODE_GRAPH_BYTES_PER_LAYER
+    add(d, "decode graphs", max(GRAPH_RESERVE_BYTES, graphs))
     add(d, "exchange buffers", exchange)
     add(p, "prefill activations", activation_bytes(model, engine.max_prefill_tokens, rows, elem))
     add(p, "executor graphs", GRAPH_RESERVE_BYTES)

@@ -29,14 +29,15 @@ def test_gqa_tiles_follow_programs_per_sm(batch, sms, block_n, warps, one_partit
 @pytest.mark.parametrize("batch, block_n, warps", [
     (8, 64, 8),      # 256 programs < 2 x 132: split, wide tiles
     (12, 32, 4),     # 384: two to four per SM
-    (17, 32, 2),     # 544: four per SM on, at any count for MHA
+    (17, 32, 2),     # 544: from four per SM, at any count for MHA
     (544, 32, 2),    # 17,408 = 132 per SM
 ])
-def test_mha_keeps_short_tiles_at_any_batch(batch, block_n, warps):
+def test_mha_tiles_follow_programs_per_sm(batch, block_n, warps):
     cfg = default_config(batch, num_kv_heads=32, group=1, head_dim=128, page=16, max_seq_len=2048, num_sms=132)
     assert (cfg.block_n, cfg.num_warps) == (block_n, warps)
 
 
-def test_tiles_are_never_shorter_than_a_page():
-    cfg = default_config(544, num_kv_heads=32, group=1, head_dim=128, page=64, max_seq_len=2048, num_sms=132)
-    assert cfg.block_n == 64 and cfg.partition % 64 == 0
+@pytest.mark.parametrize("page, block_n, warps", [(16, 32, 2), (32, 32, 2), (64, 64, 4), (128, 128, 4)])
+def test_tiles_are_never_shorter_than_a_page_and_longer_pages_keep_4_warps(page, block_n, warps):
+    cfg = default_config(544, num_kv_heads=32, group=1, head_dim=128, page=page, max_seq_len=2048, num_sms=132)
+    assert (cfg.block_n, cfg.num_warps) == (block_n, warps) and cfg.partition % block_n == 0

@@ -1,6 +1,8 @@
 """`BlockAllocator`: block accounting in shared memory, seen alike by every attached process."""
 
+import dataclasses
 import multiprocessing
+import re
 
 import pytest
 
@@ -257,18 +259,28 @@ def test_an_explicit_pool_keeps_its_size_and_the_other_gets_the_rest():
     assert (plan.num_decode_blocks, plan.num_executor_blocks) == (5123 - 1000, 1000)
 
 
-def test_decode_graphs_are_reserved_by_their_count():
-    """3 MiB per decode graph, at least 512 MiB: 66 graphs at 64 rows keep the floor; 676 at 768 rows
-    (2.0 GiB on an H200 beyond activations) take 189 blocks of 8 MiB more than the floor."""
-    small = plan_pool_blocks(LLAMA7B, cuda_engine(prefill_gpu=0, decode_gpu=1), {0: H80, 1: H80}, 0.3)
-    assert "decode graphs 0.50" in small.notes[1]
-    large = plan_pool_blocks(LLAMA7B, cuda_engine(prefill_gpu=0, decode_gpu=1, max_decode_batch=768),
-                             {0: H80, 1: H80}, 0.3)
-    assert "decode graphs 1.98" in large.notes[1]
-    eager = plan_pool_blocks(LLAMA7B, cuda_engine(prefill_gpu=0, decode_gpu=1, max_decode_batch=768, cuda_graphs=False),
-                             {0: H80, 1: H80}, 0.3)
-    assert "decode graphs 0.50" in eager.notes[1]
-    assert eager.num_decode_blocks - large.num_decode_blocks == (676 * 3 - 512) // 8
+def _note_term(plan, term: str) -> str:
+    """The figure of one fixed cost in the plan's notes (e.g. "decode graphs 2.15")."""
+    return next(re.search(rf"{term} ([0-9.]+)", n).group(0) for n in plan.notes if term in n)
+
+
+def test_decode_graphs_are_reserved_by_their_count_and_layers():
+    """104 KiB per decode graph and layer, at least 512 MiB: 66 graphs at 64 rows keep the floor; 676
+    at 768 rows (2.0 GiB measured on an H200 beyond activations) reserve 2.15 GiB; without CUDA graphs
+    or with --offload never (local buckets only: 31 graphs) the floor."""
+    two = dict(prefill_gpu=0, decode_gpu=1)
+    small = plan_pool_blocks(LLAMA7B, cuda_engine(**two), {0: H80, 1: H80}, 0.3)
+    assert _note_term(small, "decode graphs") == "decode graphs 0.50"
+    large = plan_pool_blocks(LLAMA7B, cuda_engine(**two, max_decode_batch=768), {0: H80, 1: H80}, 0.3)
+    assert _note_term(large, "decode graphs") == "decode graphs 2.15"
+    for floor in (dict(cuda_graphs=False), dict(offload="never")):
+        eager = plan_pool_blocks(LLAMA7B, cuda_engine(**two, max_decode_batch=768, **floor), {0: H80, 1: H80}, 0.3)
+        assert _note_term(eager, "decode graphs") == "decode graphs 0.50"
+        reserved_mib = 676 * 32 * 104 / 1024 - 512  # more than the floor, in 8 MiB blocks (each plan rounds down)
+        assert abs(eager.num_decode_blocks - large.num_decode_blocks - reserved_mib / 8) < 1
+    half = dataclasses.replace(LLAMA7B, num_hidden_layers=16)
+    shallow = plan_pool_blocks(half, cuda_engine(**two, max_decode_batch=768), {0: H80, 1: H80}, 0.3)
+    assert _note_term(shallow, "decode graphs") == "decode graphs 1.07"
 
 
 def test_too_little_memory_is_a_clear_error():

@@ -42,8 +42,8 @@ def test_every_step_has_a_graph_and_the_key_count_stays_bounded(max_batch):
 
 
 def test_steps_of_128_to_768_rows_pad_each_side_by_less_than_32_rows():
-    """Above 128 rows the products are compute-bound and a padding row costs as much as a real one:
-    a bucket every 32 rows (the served knee's 282 local + 257 offloaded rows ran in 320 + 320)."""
+    """A bucket every 32 rows from 128: above ~300 rows the products are compute-bound and a padding
+    row costs what a real one does (the served knee's 282 local + 257 offloaded rows ran in 320 + 320)."""
     local, remote = batch_buckets(768), offload_buckets(768)
     bucket = lambda buckets, n: next(b for b in buckets if b >= n)  # noqa: E731
     for n in range(128, 769):

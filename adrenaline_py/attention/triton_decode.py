@@ -242,14 +242,16 @@ def default_config(
 
     At batch >= 64 (contexts 1K-4K, GQA 32/8 and MHA 32/32, head dim 128) the best was one
     partition per (sequence, KV head): splitting the context only added partial-output traffic and
-    the merge kernel once batch x KV heads >= 128 programs. On the H200, 64-token tiles, 4 warps,
-    3 stages were best or within 2 % of it at every share from four programs per SM (3-10 % over
-    32-token tiles at 4 warps; the H100 sweep had preferred 32); with two to four, 32-token tiles are
-    (H200 sweep, 2026-12-01). From four per SM, 32-token tiles at 2 warps are as fast as 64-token tiles
-    at 4 warps at 1K-4K contexts and up to 1.5 x faster at short ones, where a program's chain of dependent loads, not
-    bandwidth, sets its time (the grid is sized for the longest context the server allows, so every
-    step of a batch, short or long, runs this configuration; H200 sweeps, 2026-12-01, thirteenth
-    session); except for GQA beyond 24 programs per SM, where 64-token tiles stay 2-3 % faster at 1K-4K.
+    the merge kernel once batch x KV heads >= 128 programs. On the H200 (2026-11-30) 64-token tiles,
+    4 warps, 3 stages were best or within 2 % of it at every share from four programs per SM (3-10 %
+    over 32-token tiles at 4 warps; the H100 sweep had preferred 32); with two to four, 32-token tiles
+    are (H200 sweep, 2026-12-01). Superseding the first: from four per SM, 32-token tiles at 2 warps
+    (not swept before) are as fast as 64-token tiles at 4 warps at 1K-4K contexts and up to 1.5 x
+    faster at short ones, where a program's chain of dependent loads, not bandwidth, sets its time
+    (the grid is sized for the longest context the server allows, so every step of a batch, short or
+    long, runs this configuration; H200 sweeps, 2026-12-01, thirteenth session); except for GQA
+    beyond 24 programs per SM, where 64-token tiles stay 2-3 % faster at 1K-4K, and pages longer
+    than 32 tokens (not swept at 2 warps).
     The context is split only when there are too few (sequence, KV head) pairs
     to occupy the SMs (batch 16 at 4K ran 1.4x slower unsplit than split in 512-token
     partitions); ``num_sms`` is what this process gets (its MPS share).
@@ -272,7 +274,7 @@ def default_config(
         # 0.82 of copy against 0.69 with 64-token tiles at 1K, 1.00 against 0.80 at 4K; llama-2-7b at
         # batch 16 / 2K +4 %).
         block_n = max(32, page)
-    elif group == 1 or pairs < 24 * num_sms:
+    elif page <= 32 and (group == 1 or pairs < 24 * num_sms):
         # Four or more per SM: 32-token tiles, 2 warps (llama-2-7b at 544 rows: 119 against 178 µs per
         # layer at 16 tokens of context, 169 against 197 at 64, equal at 384-1024; batch 64-272 at 1K-4K:
         # 0.97-1.005 x the time of 64-token tiles at 4 warps; llama-3.1-8b at 128 / 256 rows: 0.95-0.97 x).

@@ -18,11 +18,12 @@ no gaps. A graph fixes every shape and pointer, so:
   buckets ∪ {0}, keeping pairs whose smallest step fits ``max_batch`` (`graph_keys`) — plus, with
   the two-batch overlap, one per offloaded bucket from 16 cut in two, and one per pair whose local
   and offloaded buckets both hold at least ``two_batch_min_rows`` rows cut between them
-  (`decode_graph_keys`). With max_batch 64 that is 61 + 5 graphs (9 without offloading), with 256
-  177 + 11 + 3, with 400 291 + 16 + 28, with 768 649 + 27 + 171 (two_batch_min_rows 128). All graphs
+  (`decode_graph_keys`). With max_batch 64 that is 61 + 5 graphs (9 without offloading, as under
+  ``--offload never``), with 256 177 + 11 + 3, with 400 291 + 16 + 28, with 768 649 + 27 + 171
+  (two_batch_min_rows 128; 31 without offloading). All graphs
   of a process share one memory pool and are captured largest first, so activations take the
   largest's memory; beyond those, 676 graphs took 2.0 GiB and 27.8 s to capture for llama-2-7b on an
-  H200 (400 with the earlier, coarser buckets: 0.5 GiB, 20.4 s; `kv_cache.DECODE_GRAPH_BYTES`);
+  H200 (400 with the earlier, coarser buckets: 0.5 GiB, 20.4 s; `kv_cache.DECODE_GRAPH_BYTES_PER_LAYER`);
 - only the layers are captured; the LM head and sampling run after the replay, on the rows in use.
 
 Before a capture each shape is run once (warm-up: Triton compiles, cuBLAS picks kernels) with the
@@ -44,6 +45,7 @@ from adrenaline_py.attention.offload import (
     local_remote_metadata,
     two_batch_metadata,
 )
+from adrenaline_py.config import EngineConfig
 from adrenaline_py.models.llama import LlamaForCausalLM
 from adrenaline_py.transport import Batch, batch_cuts
 
@@ -92,6 +94,12 @@ def decode_graph_keys(max_batch: int, offload: bool, two_batch: bool, two_batch_
         if two_batch_min_rows > 0:
             keys += [(mb, nb, mb) for mb, nb in pairs if min(mb, nb) >= two_batch_min_rows]
     return keys
+
+
+def captures_offloaded_steps(engine: EngineConfig) -> bool:
+    """Whether decode captures steps with offloaded rows: not under ``--offload never``, where none come
+    (the decode service and the pool plan both ask here)."""
+    return engine.offload != "never"
 
 
 def pending_tokens(ids: torch.Tensor, src: torch.Tensor, prev_tokens: torch.Tensor) -> torch.Tensor:

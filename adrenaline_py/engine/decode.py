@@ -379,6 +379,7 @@ class DecodeRunner:
         max_batch: int = 0,
         two_batch: str = "off",
         two_batch_min_rows: int = 0,
+        offload: bool = True,  # False: no step has offloaded rows (--offload never), none get graphs
     ) -> None:
         if two_batch not in TWO_BATCH_MODES:
             raise ValueError(f"two_batch must be one of {TWO_BATCH_MODES}, got {two_batch!r}")
@@ -408,7 +409,7 @@ class DecodeRunner:
         self._span = _DeviceSpan(self.device)
         if cuda_graphs and self.device.type == "cuda" and isinstance(local_backend, TritonAttentionBackend):
             self.graphs = DecodeGraphs(model, self.backend, decode_pool.kv, max_batch, max_model_len,
-                                       offload=transport.capturable, two_batch=two_batch != "off",
+                                       offload=offload and transport.capturable, two_batch=two_batch != "off",
                                        two_batch_min_rows=two_batch_min_rows)
 
     def cuts_in_two(self, plan: DecodePlan) -> bool:

@@ -15,6 +15,7 @@ import torch
 from adrenaline_py import sampler
 from adrenaline_py.attention import make_attention_backend
 from adrenaline_py.config import EngineConfig
+from adrenaline_py.engine.cuda_graphs import captures_offloaded_steps
 from adrenaline_py.engine.decode import DecodeEngine, DecodeRunner, DecodeScheduler, Sequence
 from adrenaline_py.engine.executor import executor_state
 from adrenaline_py.engine.output import HostGate, OutputWorkers, ResponseChunk
@@ -45,7 +46,8 @@ class DecodeService:
         runner = DecodeRunner(model, make_attention_backend(device), pools("decode"), self.transport,
                               cuda_graphs=engine.cuda_graphs, max_model_len=engine.max_model_len,
                               max_batch=engine.max_decode_batch, two_batch=engine.two_batch_overlap,
-                              two_batch_min_rows=engine.two_batch_min_rows)
+                              two_batch_min_rows=engine.two_batch_min_rows,
+                              offload=captures_offloaded_steps(engine))
         if runner.graphs is not None:
             t0, free0 = time.perf_counter(), torch.cuda.mem_get_info(device)[0]
             runner.graphs.capture()
